@@ -1,0 +1,38 @@
+"""Training settings (torch-free, so the stream config can embed them without importing torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrainConfig:
+    split: str = "inter"  # inter: DS1 -> DS2 (de Chazal); intra: random beat split
+    records: list[str] = field(default_factory=list)  # empty: all records of the split
+    epochs: int = 14
+    batch_size: int = 128
+    lr: float = 3e-3
+    seed: int = 0
+    hidden: int = 64
+    layers: int = 1
+    patch: int = 4
+    latent: int = 16
+    impute_weight: float = 20.0
+    recon_weight: float = 5.0
+    class_weight: float = 1.0
+    max_class_weight: float = 20.0
+    beats_per_epoch: int = 0  # 0: every training beat once per epoch
+    anomaly_quantile: float = 0.99  # threshold: this quantile of normal training beats' scores
+    threads: int = 2
+    output: str = "models/weights/ecgnet-ds1.pt"
+
+    def validate(self) -> None:
+        if self.split not in ("inter", "intra"):
+            raise ValueError("train.split must be 'inter' or 'intra'")
+        for name in ("epochs", "batch_size", "hidden", "layers", "patch", "latent", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1")
+        if not 0 < self.lr < 1:
+            raise ValueError("train.lr must be in (0, 1)")
+        if not 0.5 <= self.anomaly_quantile < 1:
+            raise ValueError("train.anomaly_quantile must be in [0.5, 1)")

@@ -1,0 +1,156 @@
+"""The networks: the production EcgNet and the reference notebook's models (baseline).
+
+EcgNet is a mask-aware LSTM autoencoder with one shared encoder and three heads:
+
+    input per sample: observed value (0 if missing), observed flag, patient template,
+                      linear interpolation of the gaps
+    -> frames of `patch` samples -> bidirectional LSTM encoder   (shared)
+       -> gap head:     per-frame Linear, a correction to the linear interpolation
+       -> class head:   mean+max pooled states -> MLP -> 5 AAMI logits
+       -> anomaly head: pooled states -> latent bottleneck -> LSTM decoder -> reconstruction
+
+Reading the beat in frames of 4 samples cuts the recurrent steps from 187 to 47, which is
+where the CPU time of an LSTM goes. Observed samples are never changed: `repair` writes the
+network's output only into missing positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.baselines import linear_fill
+
+
+@dataclass
+class NetConfig:
+    beat_len: int = 187
+    patch: int = 4
+    hidden: int = 64
+    layers: int = 1
+    latent: int = 16
+    n_classes: int = 5
+
+    @property
+    def frames(self) -> int:
+        return -(-self.beat_len // self.patch)
+
+
+INPUT_CHANNELS = 4
+
+
+class EcgNet(nn.Module):
+    """Shared-encoder LSTM autoencoder: gap filling, AAMI classification, anomaly score."""
+
+    def __init__(self, config: NetConfig):
+        super().__init__()
+        self.config = config
+        c, h = config, config.hidden
+        self.encoder = nn.LSTM(
+            INPUT_CHANNELS * c.patch, h, num_layers=c.layers, batch_first=True, bidirectional=True
+        )
+        self.gap_head = nn.Linear(2 * h, c.patch)
+        self.class_head = nn.Sequential(nn.Linear(4 * h, h), nn.ReLU(), nn.Linear(h, c.n_classes))
+        self.to_latent = nn.Linear(4 * h, c.latent)
+        self.decoder = nn.LSTM(c.latent, h, batch_first=True)
+        self.recon_head = nn.Linear(h, c.patch)
+
+    def forward(self, observed, missing, template, linear):
+        """All inputs (B, L) float tensors (missing as 0/1). Returns fill, logits, recon."""
+        c = self.config
+        b, width = observed.shape
+        pad = c.frames * c.patch - width
+        x = torch.stack([observed, 1.0 - missing, template, linear], dim=-1)
+        x = nn.functional.pad(x, (0, 0, 0, pad))
+        frames = x.reshape(b, c.frames, INPUT_CHANNELS * c.patch)
+        states, _ = self.encoder(frames)
+        fill = linear + self.gap_head(states).reshape(b, -1)[:, :width]
+        pooled = torch.cat([states.mean(1), states.amax(1)], dim=-1)
+        logits = self.class_head(pooled)
+        z = self.to_latent(pooled)
+        decoded, _ = self.decoder(z.unsqueeze(1).expand(b, c.frames, c.latent).contiguous())
+        recon = self.recon_head(decoded).reshape(b, -1)[:, :width]
+        return fill, logits, recon
+
+
+@dataclass
+class Repair:
+    """Outputs of one vectorised pass over a batch of beats."""
+
+    samples: np.ndarray  # (B, L) observed samples unchanged, missing ones filled
+    probabilities: np.ndarray  # (B, n_classes)
+    anomaly_score: np.ndarray  # (B,) reconstruction MSE over observed signal samples
+
+
+@torch.inference_mode()
+def repair(
+    net: EcgNet, beats: np.ndarray, missing: np.ndarray, template: np.ndarray, lengths
+) -> Repair:
+    """Fill gaps, classify and score a batch in one pass. Observed samples are copied through."""
+    beats = np.where(missing, 0.0, beats).astype(np.float32)
+    linear = linear_fill(beats, missing)
+    t = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in
+         (beats, missing, template, linear)]
+    fill, logits, recon = net(*t)
+    filled = np.where(missing, fill.numpy(), beats)
+    signal = signal_mask(lengths, beats.shape[1]) & ~missing
+    err = ((recon.numpy() - beats) ** 2 * signal).sum(1) / np.maximum(signal.sum(1), 1)
+    return Repair(filled, torch.softmax(logits, -1).numpy(), err)
+
+
+def signal_mask(lengths, width: int) -> np.ndarray:
+    """(n, width) bool, True on the signal-bearing part of each beat."""
+    return np.arange(width)[None, :] < np.asarray(lengths)[:, None]
+
+
+# --------------------------------------------------------------------------- reference models
+
+
+class ReferenceAutoencoder(nn.Module):
+    """The reference notebook's autoencoder: LSTM 64 -> LSTM 32 -> LSTM 64 -> Dense(1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm1 = nn.LSTM(1, 64, batch_first=True)
+        self.lstm2 = nn.LSTM(64, 32, batch_first=True)
+        self.lstm3 = nn.LSTM(32, 64, batch_first=True)
+        self.out = nn.Linear(64, 1)
+
+    def forward(self, beats):
+        x, _ = self.lstm1(beats.unsqueeze(-1))
+        x, _ = self.lstm2(x)
+        x, _ = self.lstm3(x)
+        return self.out(x).squeeze(-1)
+
+
+class ReferenceClassifier(nn.Module):
+    """A separate 2-layer LSTM-64 beat classifier, as the notebooks pair with the autoencoder."""
+
+    def __init__(self, n_classes: int = 5):
+        super().__init__()
+        self.lstm = nn.LSTM(1, 64, num_layers=2, batch_first=True)
+        self.out = nn.Linear(64, n_classes)
+
+    def forward(self, beats):
+        x, _ = self.lstm(beats.unsqueeze(-1))
+        return self.out(x[:, -1])
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path, net: EcgNet, meta: dict) -> None:
+    """Save weights with their config and metadata (plain types only: loads weights_only)."""
+    torch.save({"state_dict": net.state_dict(), "config": asdict(net.config), "meta": meta}, path)
+
+
+def load_checkpoint(path) -> tuple[EcgNet, dict]:
+    """Load a checkpoint without executing code (weights_only=True refuses pickled objects)."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    net = EcgNet(NetConfig(**blob["config"]))
+    net.load_state_dict(blob["state_dict"])
+    net.eval()
+    return net, blob["meta"]

@@ -1,0 +1,217 @@
+"""Training of EcgNet on MIT-BIH beats with random dropout, and of the ECG5000 autoencoder.
+
+Every epoch draws fresh masks from `masks.training_mask` and rebuilds each beat's patient
+template from that patient's *previous* beats under their own masks, exactly as a worker sees
+them in the stream.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from models import data as D
+from models.baselines import linear_fill, running_templates
+from models.config import TrainConfig
+from models.masks import mask_batch, training_mask
+from models.model import EcgNet, NetConfig, repair, save_checkpoint, signal_mask
+
+MODEL_VERSION = "1.0.0"
+NO_MLII = ("102", "104")
+
+
+def training_records(cfg: TrainConfig) -> list[str]:
+    """Records used for training/evaluation under the configured split."""
+    if cfg.records:
+        return list(cfg.records)
+    if cfg.split == "inter":
+        return list(D.DS1)
+    return [r for r in D.ALL_RECORDS if r not in NO_MLII]
+
+
+def split_beats(cfg: TrainConfig, data_dir: Path) -> tuple[D.Beats, D.Beats]:
+    """(train, test) beats: DS1/DS2 for the inter-patient split, a random split for intra."""
+    if cfg.split == "inter":
+        return D.load_beats(training_records(cfg), data_dir), D.load_beats(D.DS2, data_dir)
+    beats = D.load_beats(training_records(cfg), data_dir)
+    train_idx, test_idx = D.intra_patient_split(beats, seed=cfg.seed)
+    return beats.subset(train_idx), beats.subset(test_idx)
+
+
+def class_weights(labels: np.ndarray, n_classes: int, cap: float) -> torch.Tensor:
+    """Inverse square-root frequency weights, normalised to mean 1 over present classes, capped."""
+    counts = np.bincount(labels, minlength=n_classes).astype(float)
+    w = np.where(counts > 0, 1.0 / np.sqrt(np.maximum(counts, 1)), 0.0)
+    w = w / w[counts > 0].mean()
+    return torch.tensor(np.minimum(w, cap), dtype=torch.float32)
+
+
+def model_inputs(beats: D.Beats, missing: np.ndarray, template: np.ndarray):
+    """Tensors (observed, missing, template, linear) for a batch."""
+    observed = np.where(missing, 0.0, beats.samples).astype(np.float32)
+    linear = linear_fill(observed, missing)
+    return [torch.from_numpy(np.ascontiguousarray(a, np.float32)) for a in
+            (observed, missing, template, linear)]
+
+
+def epoch_masks(rng, beats: D.Beats):
+    """Fresh training masks and the templates they imply."""
+    missing = mask_batch(training_mask, rng, beats.length, D.BEAT_LEN)
+    template = running_templates(beats.samples, missing, beats.record)
+    return missing, template
+
+
+def losses(net, batch: D.Beats, missing, template, weights, cfg: TrainConfig):
+    """(total, impute, class, recon) losses of one batch."""
+    inputs = model_inputs(batch, missing, template)
+    fill, logits, recon = net(*inputs)
+    target = torch.from_numpy(batch.samples)
+    signal = torch.from_numpy(signal_mask(batch.length, D.BEAT_LEN))
+    miss = torch.from_numpy(missing) & signal
+    obs = signal & ~miss
+    impute = ((fill - target) ** 2 * miss).sum() / miss.sum().clamp(min=1)
+    rec = ((recon - target) ** 2 * obs).sum() / obs.sum().clamp(min=1)
+    cls = nn.functional.cross_entropy(logits, torch.from_numpy(batch.label.astype(np.int64)),
+                                      weight=weights)
+    total = cfg.impute_weight * impute + cfg.recon_weight * rec + cfg.class_weight * cls
+    return total, impute, cls, rec
+
+
+def train(cfg: TrainConfig, data_dir: Path, progress: bool = True):
+    """Train EcgNet; returns (net, meta, history). Reproducible for a given seed."""
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    rng = np.random.default_rng(cfg.seed)
+    train_beats, _ = split_beats(cfg, data_dir)
+    net = EcgNet(NetConfig(hidden=cfg.hidden, layers=cfg.layers, patch=cfg.patch,
+                           latent=cfg.latent))
+    weights = class_weights(train_beats.label, net.config.n_classes, cfg.max_class_weight)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    per_epoch = cfg.beats_per_epoch or len(train_beats)
+    steps = cfg.epochs * -(-per_epoch // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
+    history = []
+    started = time.time()
+    for epoch in range(cfg.epochs):
+        net.train()
+        missing, template = epoch_masks(rng, train_beats)
+        order = rng.permutation(len(train_beats))[:per_epoch]
+        sums = np.zeros(4)
+        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not progress, leave=False)
+        for start in bar:
+            idx = np.sort(order[start : start + cfg.batch_size])
+            parts = losses(net, train_beats.subset(idx), missing[idx], template[idx], weights, cfg)
+            opt.zero_grad()
+            parts[0].backward()
+            nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            sums += [p.item() * len(idx) for p in parts]
+            bar.set_postfix(impute_rmse=f"{np.sqrt(parts[1].item()):.4f}")
+        mean = sums / len(order)
+        history.append({"epoch": epoch + 1, "loss": mean[0], "impute_mse": mean[1],
+                        "class_ce": mean[2], "recon_mse": mean[3],
+                        "seconds": round(time.time() - started, 1)})
+        if progress:
+            tqdm.write(f"epoch {epoch + 1}: impute RMSE {np.sqrt(mean[1]):.4f} "
+                       f"class CE {mean[2]:.3f} recon RMSE {np.sqrt(mean[3]):.4f}")
+    net.eval()
+    threshold = calibrate_threshold(net, train_beats, rng, cfg.anomaly_quantile)
+    meta = {
+        "version": f"{MODEL_VERSION}+{cfg.split}",
+        "created": datetime.date.today().isoformat(),
+        "classes": list(D.AAMI_CLASSES),
+        "anomaly_threshold": threshold,
+        "anomaly_quantile": cfg.anomaly_quantile,
+        "normalisation": "MLII at 125 Hz; each 10 s window min-max scaled to [0, 1]; beat = "
+                         "R-peak to R-peak + 1.2 x median RR, zero-padded to 187 (Kachuee 2018)",
+        "training_data": {"database": "MIT-BIH Arrhythmia (mitdb 1.0.0)", "split": cfg.split,
+                          "records": training_records(cfg), "beats": len(train_beats),
+                          "class_counts": train_beats.class_counts()},
+        "train_config": asdict(cfg),
+        "history": history,
+    }
+    return net, meta
+
+
+def calibrate_threshold(net, beats: D.Beats, rng, quantile: float, limit: int = 20000) -> float:
+    """Anomaly threshold: the given quantile of normal (N) training beats' scores, under the
+    training masks (the stream scores beats with gaps, so the threshold must too)."""
+    normal = np.flatnonzero(beats.label == 0)
+    idx = np.sort(rng.permutation(normal)[:limit])
+    missing, template = epoch_masks(rng, beats)
+    scores = []
+    for start in range(0, len(idx), 1024):
+        part = idx[start : start + 1024]
+        b = beats.subset(part)
+        scores.append(repair(net, b.samples, missing[part], template[part], b.length)
+                      .anomaly_score)
+    return float(np.quantile(np.concatenate(scores), quantile)) if scores else 1.0
+
+
+def train_and_save(cfg: TrainConfig, data_dir: Path, progress: bool = True) -> Path:
+    """Train and write the checkpoint to cfg.output."""
+    net, meta = train(cfg, data_dir, progress)
+    out = Path(cfg.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out, net, meta)
+    return out
+
+
+# --------------------------------------------------------------------------- ECG5000
+
+
+def train_ecg5000(directory: Path, epochs: int = 150, seed: int = 0, threads: int = 2,
+                  quantile: float = 0.98, progress: bool = True):
+    """The anomaly branch of EcgNet trained on ECG5000 class-1 (normal) TRAIN beats only.
+
+    The threshold is the given quantile of the scores of normal TRAIN beats held out of
+    training (20%), so no anomaly label is ever used for fitting or calibration.
+    """
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(seed)
+    x, y = D.load_ecg5000(directory, "TRAIN")
+    normal = rng.permutation(np.flatnonzero(y == 1))
+    n_cal = len(normal) // 5
+    fit, cal = x[normal[n_cal:]], x[normal[:n_cal]]
+    net = EcgNet(NetConfig(beat_len=x.shape[1], latent=8))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in tqdm(range(epochs), desc="ECG5000 autoencoder", disable=not progress):
+        shuffled = fit[rng.permutation(len(fit))]
+        for start in range(0, len(fit), 32):
+            batch = torch.from_numpy(shuffled[start : start + 32])
+            recon = ecg5000_reconstruct(net, batch)
+            loss = ((recon - batch) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    threshold = float(np.quantile(ecg5000_scores(net, cal), quantile))
+    meta = {"version": f"{MODEL_VERSION}+ecg5000", "anomaly_threshold": threshold,
+            "anomaly_quantile": quantile,
+            "training_data": {"database": "UCR ECG5000", "split": "TRAIN class 1",
+                              "beats": int(len(fit)), "calibration_beats": int(n_cal)}}
+    return net, meta
+
+
+def ecg5000_reconstruct(net: EcgNet, beats: torch.Tensor) -> torch.Tensor:
+    """Bottleneck reconstruction of complete beats (no gaps, no template)."""
+    zeros = torch.zeros_like(beats)
+    return net(beats, zeros, zeros, beats)[2]
+
+
+@torch.inference_mode()
+def ecg5000_scores(net: EcgNet, beats: np.ndarray) -> np.ndarray:
+    """Per-beat reconstruction MSE."""
+    t = torch.from_numpy(np.ascontiguousarray(beats, np.float32))
+    return ((ecg5000_reconstruct(net, t) - t) ** 2).mean(1).numpy()
