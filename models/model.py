@@ -16,6 +16,8 @@ network's output only into missing positions.
 
 from __future__ import annotations
 
+import json
+import pickle
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -142,14 +144,25 @@ class ReferenceClassifier(nn.Module):
 # --------------------------------------------------------------------------- checkpoints
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded safely or does not fit the network."""
+
+
 def save_checkpoint(path, net: EcgNet, meta: dict) -> None:
-    """Save weights with their config and metadata (plain types only: loads weights_only)."""
-    torch.save({"state_dict": net.state_dict(), "config": asdict(net.config), "meta": meta}, path)
+    """Save weights with their config and metadata (plain JSON types only, so the file loads
+    with weights_only=True)."""
+    plain = json.loads(json.dumps(meta, default=float))
+    torch.save({"state_dict": net.state_dict(), "config": asdict(net.config), "meta": plain},
+               path)
 
 
 def load_checkpoint(path) -> tuple[EcgNet, dict]:
-    """Load a checkpoint without executing code (weights_only=True refuses pickled objects)."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint without executing code: weights_only=True refuses pickled objects."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        why = next((ln.strip() for ln in str(exc).splitlines() if "Unsupported" in ln), "")
+        raise CheckpointError(f"{path}: refused to load an unsafe checkpoint {why[:160]}") from None
     net = EcgNet(NetConfig(**blob["config"]))
     net.load_state_dict(blob["state_dict"])
     net.eval()

@@ -1,0 +1,301 @@
+"""`ecg-stream`: one command with subcommands for every part of the product.
+
+Errors that a user can fix (bad arguments, bad config, missing data, no broker) print one
+line and exit 2; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from stream.config import ConfigError, as_dict, load_config
+
+log = logging.getLogger("ecg_stream")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + error
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used by tests to list the real subcommands)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="YAML config file (default: packaged defaults)")
+    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set worker.max_batch=512")
+    common.add_argument("--data-dir", help="MIT-BIH directory (data.mitdb_dir, ECG_DATA_DIR)")
+    common.add_argument("--bootstrap-servers",
+                        help="Kafka bootstrap servers (kafka.bootstrap_servers)")
+    common.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    parser = _Parser(prog="ecg-stream", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def add(name, help_text):
+        return sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+
+    p = add("train", "train EcgNet on MIT-BIH (and the ECG5000 anomaly autoencoder)")
+    p.add_argument("--split", choices=["inter", "intra"], help="train.split")
+    p.add_argument("--epochs", type=int, help="train.epochs")
+    p.add_argument("--output", help="checkpoint path (train.output)")
+    p.add_argument("--ecg5000", action="store_true",
+                   help="train the ECG5000 anomaly autoencoder instead")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = add("evaluate", "evaluate the checkpoints; write report.md/json and figures")
+    p.add_argument("--out", default="reports/evaluation", help="output directory")
+    p.add_argument("--max-beats", type=int, default=0, help="subsample DS2 (0 = all)")
+
+    p = add("simulate", "replay MIT-BIH patients with dropout into Kafka")
+    p.add_argument("--patients", type=int, help="simulator.patients")
+    p.add_argument("--speed", type=float, help="simulator.speed (0 = as fast as possible)")
+    p.add_argument("--rate", type=float, help="simulator.rate in beats/s")
+    p.add_argument("--duration", type=float, help="simulator.duration_s")
+    p.add_argument("--beats", type=int, help="simulator.beats")
+    p.add_argument("--truth", action="store_true", help="publish ground truth (evaluation)")
+
+    p = add("worker", "run a stream worker (one consumer-group member)")
+    p.add_argument("--metrics-port", type=int, help="metrics.port")
+
+    p = add("evaluate-live", "join repaired beats with the truth topic; export live quality")
+    p.add_argument("--metrics-port", type=int, help="evaluator.metrics_port")
+
+    add("create-topics", "create the pipeline's topics (partitions, replication from config)")
+
+    p = add("tail", "follow the repaired (or alerts/dlq) topic, one line per message")
+    p.add_argument("--topic", choices=["repaired", "alerts", "dlq", "raw"], default="repaired")
+    p.add_argument("--from-beginning", action="store_true")
+    p.add_argument("--limit", type=int, default=0, help="stop after N messages")
+    p.add_argument("--plot", metavar="DIR", help="write PNGs of repaired beats into DIR")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    p = add("demo", "the whole pipeline on an embedded broker for about a minute")
+    p.add_argument("--duration", dest="demo_duration", type=float, default=60.0,
+                   help="seconds of simulation")
+    p.add_argument("--patients", type=int, help="simulator.patients")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", default="reports/demo", help="report directory")
+
+    p = add("bench", "benchmarks: models, Kafka ceiling, workers, latency, memory")
+    p.add_argument("--out", default="reports/bench", help="output directory (JSON)")
+    p.add_argument("--quick", action="store_true", help="smaller runs (CI smoke)")
+
+    add("broker", "run the embedded Kafka-protocol broker (Tansu) until interrupted")
+    add("config", "print the effective configuration as JSON")
+    return parser
+
+
+FLAG_KEYS = {
+    "data_dir": "data.mitdb_dir",
+    "bootstrap_servers": "kafka.bootstrap_servers",
+    "split": "train.split",
+    "epochs": "train.epochs",
+    "output": "train.output",
+    "patients": "simulator.patients",
+    "speed": "simulator.speed",
+    "rate": "simulator.rate",
+    "duration": "simulator.duration_s",
+    "beats": "simulator.beats",
+}
+
+
+def config_from_args(args):
+    """Load the config and apply the subcommand's flags as overrides."""
+    overrides = list(args.set)
+    for attr, key in FLAG_KEYS.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if getattr(args, "truth", False):
+        overrides.append("simulator.truth=true")
+    if getattr(args, "metrics_port", None) is not None:
+        key = "evaluator.metrics_port" if args.command == "evaluate-live" else "metrics.port"
+        overrides.append(f"{key}={args.metrics_port}")
+    return load_config(args.config, overrides)
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT (graceful stop)."""
+    stop = threading.Event()
+
+    def handler(signum, _frame):
+        log.info("received %s: finishing the current batch", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLevelName(args.log_level)))
+    try:
+        cfg = config_from_args(args)
+        return COMMANDS[args.command](cfg, args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the user-facing boundary
+        message = user_error(exc)
+        if message is None:
+            raise
+        print(f"ecg-stream {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def user_error(exc: Exception) -> str | None:
+    """A one-line message for errors a user can fix; None for bugs (keep the traceback)."""
+    from kafka.errors import KafkaTimeoutError
+
+    from models.data import DataNotFoundError
+    from models.model import CheckpointError
+    from stream.broker import BrokerError
+
+    if isinstance(exc, ConfigError | DataNotFoundError | BrokerError | FileNotFoundError
+                  | CheckpointError):
+        return str(exc)
+    if isinstance(exc, KafkaTimeoutError) and "bootstrap" in str(exc):
+        return f"no Kafka broker reachable ({exc})"
+    return None
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _require_kafka(cfg) -> None:
+    if not cfg.kafka.bootstrap_servers:
+        raise ConfigError("kafka.bootstrap_servers is empty: pass --bootstrap-servers or set "
+                          "ECG_BOOTSTRAP_SERVERS (or run `ecg-stream broker` for a local one)")
+
+
+def cmd_train(cfg, args):
+    from models import data as D
+    from models.model import save_checkpoint
+    from models.train import train_and_save, train_ecg5000
+    from stream.config import resolve_data_dirs
+
+    if args.ecg5000:
+        directory = resolve_data_dirs(cfg).ecg5000_dir
+        if not directory:
+            raise ConfigError("data.ecg5000_dir is empty (set ECG5000_DIR or ECG_DATA_DIR)")
+        net, meta = train_ecg5000(Path(directory), progress=not args.quiet)
+        out = Path(args.output or "models/weights/ecg5000-ae.pt")
+        save_checkpoint(out, net, meta)
+    else:
+        data_dir = D.locate_database("mitdb", cfg.data.mitdb_dir, D.DS1, cfg.data.download)
+        out = train_and_save(cfg.train, data_dir, progress=not args.quiet)
+    print(f"wrote {out}")
+
+
+def cmd_evaluate(cfg, args):
+    from stream.evaluation import run_evaluation
+
+    run_evaluation(cfg, Path(args.out), args.max_beats)
+
+
+def cmd_simulate(cfg, args):
+    from simulator.run import simulate
+    from stream.kafka import ensure_topics, make_producer
+    from stream.metrics import SimulatorMetrics, serve
+
+    _require_kafka(cfg)
+    ensure_topics(cfg.kafka, cfg.topics)
+    metrics = SimulatorMetrics()
+    serve(metrics.registry, cfg.metrics.host, cfg.simulator.metrics_port)
+    producer = make_producer(cfg.kafka, max_block_ms=5000,
+                             delivery_timeout_ms=max(120000, cfg.kafka.request_timeout_ms + 1))
+    try:
+        result = simulate(cfg, producer, metrics, stop_on_signals())
+    finally:
+        producer.close(timeout=10)
+    print(json.dumps({"sent": result.sent, "acked": result.acked, "skipped": result.skipped,
+                      "dropped": result.dropped, "patients": len(result.patients)}))
+
+
+def cmd_worker(cfg, args):
+    from stream.kafka import ensure_topics
+    from stream.metrics import WorkerMetrics, serve
+    from stream.processor import Engine
+    from stream.worker import Worker
+
+    _require_kafka(cfg)
+    engine = Engine.load(cfg.model.checkpoint, cfg.model.torch_threads)
+    ensure_topics(cfg.kafka, cfg.topics)
+    metrics = WorkerMetrics()
+    serve(metrics.registry, cfg.metrics.host, cfg.metrics.port)
+    Worker(cfg, engine, metrics, stop_on_signals()).run()
+
+
+def cmd_evaluate_live(cfg, args):
+    from stream.evaluator import LiveEvaluator
+    from stream.kafka import ensure_topics
+    from stream.metrics import EvaluatorMetrics, serve
+
+    _require_kafka(cfg)
+    ensure_topics(cfg.kafka, cfg.topics)
+    metrics = EvaluatorMetrics()
+    serve(metrics.registry, cfg.metrics.host, cfg.evaluator.metrics_port)
+    LiveEvaluator(cfg, metrics, stop_on_signals()).run()
+
+
+def cmd_create_topics(cfg, args):
+    from stream.kafka import ensure_topics
+
+    _require_kafka(cfg)
+    created = ensure_topics(cfg.kafka, cfg.topics)
+    print(f"created: {', '.join(created) or 'none (all exist)'}")
+
+
+def cmd_tail(cfg, args):
+    from stream.tail import tail
+
+    _require_kafka(cfg)
+    tail(cfg, args.topic, args.from_beginning, args.limit, args.plot, args.json,
+         stop_on_signals())
+
+
+def cmd_demo(cfg, args):
+    from stream.demo import run_demo
+
+    run_demo(cfg, args.demo_duration, args.workers, Path(args.out))
+
+
+def cmd_bench(cfg, args):
+    from stream.bench import run_benchmarks
+
+    run_benchmarks(cfg, Path(args.out), quick=args.quick)
+
+
+def cmd_broker(cfg, args):
+    from stream.broker import EmbeddedBroker
+
+    stop = stop_on_signals()
+    with EmbeddedBroker() as broker:
+        print(f"embedded broker listening: --bootstrap-servers {broker.bootstrap}", flush=True)
+        stop.wait()
+
+
+def cmd_config(cfg, args):
+    print(json.dumps(as_dict(cfg), indent=2))
+
+
+COMMANDS = {
+    "train": cmd_train, "evaluate": cmd_evaluate, "simulate": cmd_simulate,
+    "worker": cmd_worker, "evaluate-live": cmd_evaluate_live, "create-topics": cmd_create_topics,
+    "tail": cmd_tail, "demo": cmd_demo, "bench": cmd_bench, "broker": cmd_broker,
+    "config": cmd_config,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

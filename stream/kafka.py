@@ -1,0 +1,134 @@
+"""Thin wrappers around kafka-python: clients built from config, topic creation, lag.
+
+Secrets (the SASL password) come only from the environment or a file, and are never logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from stream.config import ConfigError, KafkaConfig, TopicsConfig
+
+log = logging.getLogger(__name__)
+PASSWORD_ENV = "ECG_KAFKA_SASL_PASSWORD"
+
+
+def sasl_password(cfg: KafkaConfig) -> str | None:
+    """The SASL password from ECG_KAFKA_SASL_PASSWORD or kafka.sasl_password_file."""
+    if os.environ.get(PASSWORD_ENV):
+        return os.environ[PASSWORD_ENV]
+    if cfg.sasl_password_file:
+        try:
+            return Path(cfg.sasl_password_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"kafka.sasl_password_file: cannot read ({exc.strerror})") from None
+    return None
+
+
+def client_options(cfg: KafkaConfig) -> dict:
+    """Connection, security and retry options shared by every client."""
+    if not cfg.bootstrap_servers:
+        raise ConfigError("kafka.bootstrap_servers is empty")
+    opts = {
+        "bootstrap_servers": cfg.bootstrap_servers.split(","),
+        "client_id": cfg.client_id,
+        "security_protocol": cfg.security_protocol,
+        "request_timeout_ms": cfg.request_timeout_ms,
+        "reconnect_backoff_max_ms": cfg.reconnect_backoff_max_ms,
+    }
+    if cfg.security_protocol.startswith("SASL"):
+        if not cfg.sasl_mechanism:
+            raise ConfigError("kafka.sasl_mechanism is required with SASL")
+        opts.update(sasl_mechanism=cfg.sasl_mechanism, sasl_plain_username=cfg.sasl_username,
+                    sasl_plain_password=sasl_password(cfg))
+    for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        if getattr(cfg, name):
+            opts[name] = getattr(cfg, name)
+    return opts
+
+
+def make_producer(cfg: KafkaConfig, **overrides) -> KafkaProducer:
+    """An idempotent, acks=all producer with batching tuned for throughput."""
+    opts = {
+        **client_options(cfg),
+        "acks": "all",
+        "enable_idempotence": True,
+        "linger_ms": cfg.linger_ms,
+        "batch_size": cfg.producer_batch_bytes,
+        "compression_type": None if cfg.compression == "none" else cfg.compression,
+        "max_request_size": 4 * 1024 * 1024,
+        **overrides,
+    }
+    return KafkaProducer(**opts)
+
+
+def make_consumer(cfg: KafkaConfig, group_id: str | None, **overrides) -> KafkaConsumer:
+    """A consumer with manual commits, reading from the earliest uncommitted offset."""
+    opts = {
+        **client_options(cfg),
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "session_timeout_ms": cfg.session_timeout_ms,
+        "heartbeat_interval_ms": cfg.heartbeat_interval_ms,
+        "max_poll_interval_ms": cfg.max_poll_interval_ms,
+        "max_poll_records": cfg.max_poll_records,
+        "max_partition_fetch_bytes": cfg.max_partition_fetch_bytes,
+        "fetch_max_bytes": max(cfg.max_partition_fetch_bytes, 52428800),
+        **overrides,
+    }
+    return KafkaConsumer(**opts)
+
+
+def ensure_topics(cfg: KafkaConfig, topics: TopicsConfig, timeout_s: float = 30.0) -> list[str]:
+    """Create the pipeline's topics with the configured partitions and replication factor.
+
+    Topics are created explicitly: brokers that auto-create use their own partition count.
+    Returns the names that were created (existing ones are left alone).
+    """
+    names = [topics.raw, topics.truth, topics.repaired, topics.alerts, topics.dlq]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            admin = KafkaAdminClient(**client_options(cfg))
+            break
+        except KafkaError as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("waiting for Kafka at %s (%s)", cfg.bootstrap_servers, exc)
+            time.sleep(1.0)
+    try:
+        existing = set(admin.list_topics())
+        missing = [n for n in names if n not in existing]
+        new = [NewTopic(n, cfg.partitions, cfg.replication_factor) for n in missing]
+        if new:
+            try:
+                admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass  # another process created them concurrently
+        return missing
+    finally:
+        admin.close()
+
+
+def partition_lag(consumer: KafkaConsumer, partitions) -> dict[int, int]:
+    """Records behind, per partition, from the consumer's own fetch state.
+
+    Uses `highwater()` (from fetch responses): the embedded broker reports a wrong
+    `end_offsets()` (base offset of the last batch + 1), while the high watermark in fetch
+    responses is right on both it and real Kafka. Clamped at 0.
+    """
+    lag = {}
+    for tp in partitions:
+        high = consumer.highwater(tp)
+        if high is None:
+            continue
+        lag[tp.partition] = max(0, high - consumer.position(tp))
+    return lag

@@ -1,0 +1,185 @@
+"""Turn a micro-batch of raw records into repaired beats, alerts and dead letters.
+
+Pure computation (no Kafka I/O): decode and validate every record, check it against its
+patient's history, run the model once over all recoverable beats, and build the output
+messages. The worker publishes them and commits.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import models
+from models.data import AAMI_CLASSES, BEAT_LEN
+from models.model import load_checkpoint, repair
+from stream import messages
+from stream.config import Config
+from stream.messages import InvalidMessage, RawBeat
+from stream.metrics import WorkerMetrics
+from stream.state import PatientRegistry, pad
+
+DEFAULT_CHECKPOINT = Path(models.__file__).parent / "weights" / "ecgnet-ds1.pt"
+
+
+@dataclass
+class Engine:
+    """The loaded model and what the stream needs to know about it."""
+
+    net: torch.nn.Module
+    version: str
+    threshold: float
+
+    @classmethod
+    def load(cls, checkpoint: str | Path = "", threads: int = 2) -> Engine:
+        torch.set_num_threads(threads)
+        net, meta = load_checkpoint(checkpoint or DEFAULT_CHECKPOINT)
+        return cls(net, meta["version"], float(meta["anomaly_threshold"]))
+
+
+@dataclass
+class Output:
+    """Everything one batch produces, in publish order, and the offsets it completes."""
+
+    messages: list[tuple[str, bytes | None, bytes]] = field(default_factory=list)
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # next offset to read
+    sent_at: list[float] = field(default_factory=list)  # source publish time of each beat
+    beats: int = 0
+
+
+@dataclass
+class _Accepted:
+    record: object
+    beat: RawBeat
+    template: np.ndarray
+    unrecoverable: bool
+
+
+class Processor:
+    """Stateful batch processor of one worker (state = its partitions' patients)."""
+
+    def __init__(self, cfg: Config, engine: Engine, metrics: WorkerMetrics, worker_id: str):
+        self.cfg = cfg
+        self.engine = engine
+        self.metrics = metrics
+        self.worker_id = worker_id
+        self.registry = PatientRegistry(BEAT_LEN, cfg.worker.template_beats)
+        metrics.model_info.labels(engine.version, f"{engine.threshold:.6g}").set(1)
+
+    def process(self, records) -> Output:
+        """Process consumer records (topic, partition, offset, key, value) in order."""
+        out = Output()
+        accepted: list[_Accepted] = []
+        for rec in records:
+            self.metrics.consumed.inc()
+            key = (rec.topic, rec.partition)
+            out.offsets[key] = max(out.offsets.get(key, 0), rec.offset + 1)
+            try:
+                accepted.append(self._admit(rec, out))
+            except InvalidMessage as bad:
+                self._dead_letter(rec, bad, out)
+        self._repair(accepted, out)
+        self.metrics.patients.set(self.registry.patient_count())
+        return out
+
+    def _admit(self, rec, out: Output) -> _Accepted:
+        w = self.cfg.worker
+        beat = messages.decode_raw(rec.value, rec.key, w.max_message_bytes)
+        lost, template = self.registry.admit(rec.partition, beat)
+        if lost > 0:
+            self.metrics.lost.inc(lost)
+            self._alert(out, "lost_beats", beat, {"lost": lost, "after_seq": beat.seq - lost - 1})
+        missing_fraction = float(beat.missing.mean())
+        return _Accepted(rec, beat, template, missing_fraction > w.unrecoverable_fraction)
+
+    def _dead_letter(self, rec, bad: InvalidMessage, out: Output) -> None:
+        self.metrics.dlq.labels(bad.reason).inc()
+        letter = messages.dead_letter(bad.reason, bad.detail, rec.value, rec.key, rec.topic,
+                                      rec.partition, rec.offset, self.worker_id,
+                                      self.cfg.worker.max_message_bytes)
+        out.messages.append((self.cfg.topics.dlq, rec.key, messages.dumps(letter)))
+
+    def _repair(self, accepted: list[_Accepted], out: Output) -> None:
+        todo = [a for a in accepted if not a.unrecoverable]
+        result = None
+        if todo:
+            padded = [pad(a.beat.samples, a.beat.missing, BEAT_LEN) for a in todo]
+            beats = np.stack([p[0] for p in padded])
+            missing = np.stack([p[1] for p in padded])
+            templates = np.stack([a.template for a in todo])
+            lengths = np.array([len(a.beat.samples) for a in todo])
+            self.metrics.batch_size.observe(len(todo))
+            started = time.perf_counter()
+            result = repair(self.engine.net, beats, missing, templates, lengths)
+            self.metrics.inference.observe(time.perf_counter() - started)
+        row = 0
+        for a in accepted:
+            alerts: list[tuple[str, dict]] = []
+            out.messages.append(self._message(a, None if a.unrecoverable else result, row,
+                                              alerts))
+            row += not a.unrecoverable
+            for kind, detail in alerts:
+                self._alert(out, kind, a.beat, detail)
+            out.sent_at.append(a.beat.sent_at or a.beat.timestamp)
+            out.beats += 1
+
+    def _message(self, a: _Accepted, result, row: int, alerts: list):
+        """The repaired-beat message of one accepted beat; its alerts go into `alerts`."""
+        beat, m = a.beat, self.metrics
+        n_missing = int(beat.missing.sum())
+        m.samples_missing.inc(n_missing)
+        body = {"schema_version": messages.SCHEMA_VERSION, "patient_id": beat.patient_id,
+                "seq": beat.seq, "timestamp": beat.timestamp, "fs": messages.BEAT_FS,
+                "missing_count": n_missing,
+                "missing_fraction": round(n_missing / len(beat.samples), 6),
+                "model_version": self.engine.version, "worker_id": self.worker_id,
+                "received_partition": a.record.partition, "received_offset": a.record.offset}
+        if result is None:
+            status = "unrecoverable"
+            body.update(samples=beat.raw_values, imputed_mask=[0] * len(beat.samples),
+                        beat_class=None, anomaly=None)
+            alerts.append(("unrecoverable", {"missing_fraction": body["missing_fraction"],
+                                             "limit": self.cfg.worker.unrecoverable_fraction}))
+        else:
+            status = "repaired" if n_missing else "complete"
+            body.update(self._repaired_fields(beat, result, row, alerts))
+        body["status"] = status
+        body["processed_at"] = time.time()
+        m.produced.labels(status).inc()
+        return (self.cfg.topics.repaired, beat.patient_id.encode(), messages.dumps(body))
+
+    def _repaired_fields(self, beat: RawBeat, result, row: int, alerts: list) -> dict:
+        n = len(beat.samples)
+        filled = result.samples[row, :n]
+        samples = [float(filled[i]) if miss else v
+                   for i, (v, miss) in enumerate(zip(beat.raw_values, beat.missing))]
+        self.metrics.samples_imputed.inc(int(beat.missing.sum()))
+        probs = result.probabilities[row]
+        label = AAMI_CLASSES[int(probs.argmax())]
+        score = float(result.anomaly_score[row])
+        flag = score > self.engine.threshold
+        self.metrics.classified.labels(label).inc()
+        if flag:
+            self.metrics.anomalies.labels(label).inc()
+            alerts.append(("anomaly", {"score": score, "threshold": self.engine.threshold,
+                                       "beat_class": label}))
+        w = self.cfg.worker
+        if label in w.alert_classes and probs.max() >= w.min_alert_probability:
+            alerts.append(("arrhythmia", {"beat_class": label,
+                                          "probability": float(probs.max())}))
+        return {"samples": samples, "imputed_mask": beat.missing.astype(np.int8).tolist(),
+                "beat_class": {"label": label, "confidence": float(probs.max()),
+                               "probabilities": {c: float(p) for c, p in
+                                                 zip(AAMI_CLASSES, probs)}},
+                "anomaly": {"score": score, "threshold": self.engine.threshold, "flag": flag}}
+
+    def _alert(self, out: Output, kind: str, beat: RawBeat, detail: dict) -> None:
+        self.metrics.alerts.labels(kind).inc()
+        msg = messages.alert(kind, "warning", beat.patient_id, beat.seq, beat.timestamp, detail,
+                             self.engine.version)
+        out.messages.append((self.cfg.topics.alerts, beat.patient_id.encode(),
+                             messages.dumps(msg)))

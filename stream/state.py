@@ -1,0 +1,79 @@
+"""Per-patient state kept by a worker for the partitions it owns.
+
+A patient's beats all land in one partition, so the state is grouped by partition: when a
+rebalance takes a partition away, its patients' state is dropped, and the next owner rebuilds
+it from the beats that follow (counted in `ecg_state_resets_total`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from models.baselines import TemplateTracker
+from stream.messages import InvalidMessage, RawBeat
+
+
+@dataclass
+class PatientState:
+    last_seq: int
+    last_timestamp: float
+    template: TemplateTracker
+
+
+@dataclass
+class PartitionState:
+    patients: dict[str, PatientState] = field(default_factory=dict)
+
+
+class PatientRegistry:
+    """Sequence checks and running templates for the patients of the assigned partitions."""
+
+    def __init__(self, width: int, template_beats: int):
+        self.width = width
+        self.template_beats = template_beats
+        self.partitions: dict[int, PartitionState] = {}
+
+    def drop_partitions(self, partitions) -> int:
+        """Forget the state of revoked partitions; returns how many had state."""
+        return sum(self.partitions.pop(p, None) is not None for p in partitions)
+
+    def patient_count(self) -> int:
+        return sum(len(s.patients) for s in self.partitions.values())
+
+    def admit(self, partition: int, beat: RawBeat) -> tuple[int, np.ndarray]:
+        """Check a beat against its patient's history and register it.
+
+        Returns (beats lost before this one, the template to repair it with). Raises
+        InvalidMessage for a repeated/out-of-order sequence number or a timestamp going back.
+        """
+        patients = self.partitions.setdefault(partition, PartitionState()).patients
+        state = patients.get(beat.patient_id)
+        lost = 0
+        if state is None:
+            state = PatientState(-1, -1.0, TemplateTracker(self.width, self.template_beats))
+            patients[beat.patient_id] = state
+        else:
+            if beat.seq <= state.last_seq:
+                raise InvalidMessage("duplicate_seq", f"seq {beat.seq} <= last seq "
+                                     f"{state.last_seq} of patient {beat.patient_id}")
+            if beat.timestamp <= state.last_timestamp:
+                raise InvalidMessage("non_monotonic_timestamp",
+                                     f"timestamp {beat.timestamp} <= previous "
+                                     f"{state.last_timestamp} of patient {beat.patient_id}")
+            lost = beat.seq - state.last_seq - 1
+        template = state.template.template()
+        padded, missing = pad(beat.samples, beat.missing, self.width)
+        state.template.add(padded, missing)
+        state.last_seq, state.last_timestamp = beat.seq, beat.timestamp
+        return lost, template
+
+
+def pad(samples: np.ndarray, missing: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-pad a beat to the model width (padding counts as observed zeros)."""
+    out = np.zeros(width, np.float32)
+    out[: len(samples)] = samples
+    miss = np.zeros(width, bool)
+    miss[: len(missing)] = missing
+    return out, miss

@@ -1,0 +1,237 @@
+"""The stream worker: consume raw beats in micro-batches, repair them, publish, commit.
+
+One loop iteration is one micro-batch:
+
+1. poll until `max_batch` records or `max_wait_ms` have passed;
+2. process the batch (decode, validate, one model pass) -> output messages;
+3. publish every output message and flush the producer, retrying with backoff while the
+   broker is away (nothing is committed until this succeeds);
+4. commit the batch's offsets (at-least-once: a crash before this replays the batch, so
+   subscribers de-duplicate by (patient_id, seq)).
+
+On a rebalance the pending batch is finished and committed before the partitions are given
+up, and the revoked partitions' patient state is dropped. SIGTERM/SIGINT end the loop after
+the current batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from kafka import ConsumerRebalanceListener, OffsetAndMetadata, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError, KafkaTimeoutError
+
+from stream.config import Config
+from stream.kafka import make_consumer, make_producer, partition_lag
+from stream.metrics import WorkerMetrics
+from stream.processor import Engine, Output, Processor
+
+log = logging.getLogger(__name__)
+BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+
+
+class OffsetWentBackwards(RuntimeError):
+    """A commit would move an offset backwards: a bug, never committed."""
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Worker:
+    """One consumer-group member: poll -> process -> publish -> commit."""
+
+    def __init__(self, cfg: Config, engine: Engine, metrics: WorkerMetrics | None = None,
+                 stop: threading.Event | None = None):
+        self.cfg = cfg
+        self.metrics = metrics or WorkerMetrics()
+        self.stop = stop or threading.Event()
+        self.worker_id = cfg.worker.worker_id or default_worker_id()
+        self.processor = Processor(cfg, engine, self.metrics, self.worker_id)
+        self.consumer = make_consumer(cfg.kafka, cfg.worker.group_id,
+                                      max_poll_records=cfg.worker.max_batch)
+        self.producer = make_producer(cfg.kafka, max_block_ms=5000)
+        self.pending: list = []
+        self.committed: dict[tuple[str, int], int] = {}
+        self.batches = 0
+        self.consumer.subscribe([cfg.topics.raw], listener=_Rebalance(self))
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self, max_batches: int = 0) -> None:
+        """Run until stopped (or for max_batches batches); always leaves cleanly."""
+        log.info("worker %s consuming %s as group %s", self.worker_id, self.cfg.topics.raw,
+                 self.cfg.worker.group_id)
+        try:
+            while not self.stop.is_set():
+                self.poll_batch()
+                if self.pending:
+                    self.finish_batch()
+                if max_batches and self.batches >= max_batches:
+                    break
+        finally:
+            self.close()
+
+    def poll_batch(self) -> None:
+        """Accumulate records until the batch is full or max_wait_ms has passed."""
+        w = self.cfg.worker
+        deadline = time.monotonic() + w.max_wait_ms / 1000
+        while len(self.pending) < w.max_batch and not self.stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 and self.pending:
+                break
+            # With nothing pending, wait a little longer so an idle worker does not spin.
+            timeout_ms = max(1, int(remaining * 1000)) if self.pending else 200
+            polled = self.consumer.poll(timeout_ms=timeout_ms,
+                                        max_records=w.max_batch - len(self.pending))
+            for records in polled.values():
+                self.pending.extend(records)
+            if not self.pending:
+                self.update_lag()
+                return
+        self.update_lag()
+
+    def finish_batch(self) -> None:
+        """Process, publish and commit the pending records (called from the rebalance hook too)."""
+        batch, self.pending = self.pending, []
+        started = time.perf_counter()
+        batch.sort(key=lambda r: (r.partition, r.offset))
+        output = self.processor.process(batch)
+        if not self.publish(output):
+            return  # stopping while the broker is away: nothing committed, replayed later
+        done = time.time()
+        for sent in output.sent_at:
+            self.metrics.latency.observe(max(0.0, done - sent))
+        self.commit(output.offsets)
+        self.batches += 1
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+
+    # ------------------------------------------------------------------ publish / commit
+
+    def publish(self, output: Output) -> bool:
+        """Send every message and flush; retry what failed until it is all acknowledged."""
+        todo = output.messages
+        attempt = 0
+        while todo:
+            futures = []
+            for topic, key, value in todo:
+                try:
+                    futures.append(((topic, key, value),
+                                    self.producer.send(topic, key=key, value=value)))
+                except KafkaTimeoutError as exc:
+                    futures.append(((topic, key, value), exc))
+            try:
+                self.producer.flush(timeout=self.cfg.kafka.request_timeout_ms / 1000)
+            except KafkaTimeoutError:
+                pass  # the failed futures below say which records to resend
+            todo = [msg for msg, fut in futures if not _succeeded(fut)]
+            if not todo:
+                self.metrics.kafka.ok()
+                return True
+            self.metrics.kafka.failed("produce")
+            if self._stopping_hard(attempt):
+                log.error("stopping with %d unpublished outputs; the batch will be replayed",
+                          len(todo))
+                return False
+            delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+            log.warning("publish failed for %d messages; retrying in %.2f s", len(todo), delay)
+            time.sleep(delay)
+            attempt += 1
+        return True
+
+    def commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        """Commit the next offsets to read, refusing to move any offset backwards."""
+        to_commit = {}
+        for (topic, partition), offset in offsets.items():
+            previous = self.committed.get((topic, partition), -1)
+            if offset < previous:
+                raise OffsetWentBackwards(f"{topic}[{partition}]: {offset} < {previous}")
+            to_commit[TopicPartition(topic, partition)] = OffsetAndMetadata(offset, "", -1)
+        attempt = 0
+        while to_commit:
+            try:
+                self.consumer.commit(offsets=to_commit)
+            except CommitFailedError as exc:
+                # The group rebalanced: these partitions now belong to someone else, who
+                # will replay from the last commit (duplicates, never loss).
+                self.metrics.commit_failures.inc()
+                log.warning("commit refused after a rebalance (%s); batch will be replayed", exc)
+                return
+            except KafkaError as exc:
+                self.metrics.commit_failures.inc()
+                self.metrics.kafka.failed("commit")
+                if self._stopping_hard(attempt):
+                    return
+                delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+                log.warning("commit failed (%s); retrying in %.2f s", exc, delay)
+                time.sleep(delay)
+                attempt += 1
+                continue
+            self.metrics.commits.inc()
+            self.metrics.kafka.ok()
+            for tp, meta in to_commit.items():
+                self.committed[(tp.topic, tp.partition)] = meta.offset
+            return
+
+    def _stopping_hard(self, attempt: int) -> bool:
+        """While stopping, give up after a few retries instead of blocking shutdown."""
+        return self.stop.is_set() and attempt >= 3
+
+    # ------------------------------------------------------------------ rebalance / lag
+
+    def on_revoked(self, partitions) -> None:
+        if self.pending:
+            self.finish_batch()
+        numbers = [tp.partition for tp in partitions]
+        resets = self.processor.registry.drop_partitions(numbers)
+        self.metrics.state_resets.inc(resets)
+        for tp in partitions:
+            self.committed.pop((tp.topic, tp.partition), None)
+            try:
+                self.metrics.lag.remove(str(tp.partition))
+            except KeyError:
+                pass
+        log.info("partitions revoked: %s", sorted(numbers))
+
+    def on_assigned(self, partitions) -> None:
+        self.metrics.partitions.set(len(self.consumer.assignment()))
+        log.info("partitions assigned: %s (patient state is rebuilt from the next beats)",
+                 sorted(tp.partition for tp in partitions))
+
+    def update_lag(self) -> None:
+        try:
+            for partition, lag in partition_lag(self.consumer, self.consumer.assignment()).items():
+                self.metrics.lag.labels(str(partition)).set(lag)
+        except KafkaError:
+            pass  # positions are unknown while (re)joining; the next batch updates them
+
+    def close(self) -> None:
+        """Finish what is pending, then leave the group and close the clients."""
+        if self.pending:
+            self.finish_batch()
+        try:
+            self.consumer.close(autocommit=False)
+        finally:
+            self.producer.close(timeout=5)
+        log.info("worker %s stopped after %d batches", self.worker_id, self.batches)
+
+
+def _succeeded(future) -> bool:
+    if isinstance(future, Exception):
+        return False
+    return future.is_done and future.succeeded()
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, worker: Worker):
+        self.worker = worker
+
+    def on_partitions_revoked(self, revoked):
+        self.worker.on_revoked(revoked)
+
+    def on_partitions_assigned(self, assigned):
+        self.worker.on_assigned(assigned)
