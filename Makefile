@@ -1,0 +1,52 @@
+# ecg-stream: `make install`, `make test`, `make demo`. See README.md.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DATA_ROOT ?= $(abspath ../shared/data)
+
+# Use the staged datasets when they exist; otherwise the code downloads from PhysioNet.
+ifneq ($(wildcard $(DATA_ROOT)/mitdb/100.hea),)
+export ECG_DATA_DIR ?= $(DATA_ROOT)/mitdb
+endif
+
+.PHONY: install test lint train train-inter train-intra train-ecg5000 evaluate demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# Pinned: this takes the CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest
+
+train: train-inter train-intra train-ecg5000
+
+train-inter: install
+	$(BIN)/ecg-stream train --split inter --output models/weights/ecgnet-ds1.pt
+
+train-intra: install
+	$(BIN)/ecg-stream train --split intra --output models/weights/ecgnet-intra.pt
+
+train-ecg5000: install
+	$(BIN)/ecg-stream train --ecg5000 --output models/weights/ecg5000-ae.pt
+
+evaluate: install
+	$(BIN)/ecg-stream evaluate --out reports/evaluation
+
+demo: install
+	$(BIN)/ecg-stream demo --out reports/demo
+
+bench: install
+	$(BIN)/ecg-stream bench --out reports/bench
+
+clean:
+	rm -rf reports .pytest_cache .ruff_cache

@@ -1,0 +1,220 @@
+"""End to end on the embedded broker: simulator -> workers -> repaired beats, alerts, metrics."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import orjson
+import pytest
+
+from simulator.run import simulate
+from stream.broker import free_port
+from stream.evaluator import LiveEvaluator
+from stream.kafka import ensure_topics, make_producer
+from stream.metrics import SimulatorMetrics
+from tests.helpers import decode, metric_sum, read_topic, scrape, start_process, write_config
+
+SCHEMAS = Path(__file__).resolve().parents[1] / "stream" / "schemas"
+
+
+def schema(name: str) -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(json.loads((SCHEMAS / f"{name}.v1.json").read_text()))
+
+
+def start_workers(cfg, tmp_path: Path, n: int, first: int = 0):
+    """n `ecg-stream worker` processes, each with its own metrics port."""
+    procs = []
+    for i in range(first, first + n):
+        port = free_port()
+        path = write_config(cfg, tmp_path / f"worker{i}.yaml")
+        proc = start_process(["worker", "--metrics-port", str(port),
+                              "--set", f"worker.worker_id=w{i}"], path,
+                             tmp_path / f"worker{i}.log")
+        procs.append((proc, port))
+    return procs
+
+
+def stop_workers(procs) -> None:
+    for proc, _ in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc, _ in procs:
+        try:
+            proc.wait(timeout=20)
+        except Exception:
+            proc.kill()
+
+
+def wait_for_metrics(port: int, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            scrape(port)
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"worker metrics on {port} never came up")
+
+
+def run_simulator(cfg):
+    producer = make_producer(cfg.kafka)
+    try:
+        return simulate(cfg, producer, SimulatorMetrics())
+    finally:
+        producer.close()
+
+
+@pytest.fixture
+def mixed_dropout():
+    return ["simulator.dropout.block_prob=0.15", "simulator.dropout.gap_prob=0.35",
+            "simulator.dropout.burst_prob=0.25", "simulator.dropout.drop_prob=0.15",
+            "simulator.dropout.lost_beat_prob=0.01"]
+
+
+def test_simulator_to_two_workers(pipeline_config, checkpoint, tmp_path, mixed_dropout):
+    cfg = pipeline_config("simulator.patients=10", "simulator.speed=0", "simulator.beats=5600",
+                          "simulator.truth=true", "simulator.seed=11", *mixed_dropout)
+    ensure_topics(cfg.kafka, cfg.topics)
+    procs = start_workers(cfg, tmp_path, 2)
+    evaluator = LiveEvaluator(cfg)
+    eval_thread = threading.Thread(target=evaluator.run, daemon=True)
+    eval_thread.start()
+    try:
+        for _, port in procs:
+            wait_for_metrics(port)
+        result = run_simulator(cfg)
+        assert result.sent >= 5000 and len(result.patients) >= 8 and result.skipped > 0
+        assert result.acked == result.sent
+        repaired_records = read_topic(cfg, cfg.topics.repaired, expected=result.sent,
+                                      timeout_s=120)
+        time.sleep(1.0)  # let the last metrics settle
+        samples = [scrape(port) for _, port in procs]
+    finally:
+        stop_workers(procs)
+        evaluator.stop.set()
+        eval_thread.join(timeout=10)
+
+    raw = {(m["patient_id"], m["seq"]): m for m in decode(read_topic(cfg, cfg.topics.raw,
+                                                                     expected=result.sent))}
+    truth = {(m["patient_id"], m["seq"]): m for m in decode(read_topic(cfg, cfg.topics.truth))}
+    repaired_list = decode(repaired_records)
+    repaired = {(m["patient_id"], m["seq"]): m for m in repaired_list}
+    alerts = decode(read_topic(cfg, cfg.topics.alerts))
+    dlq = decode(read_topic(cfg, cfg.topics.dlq, idle_s=1.0))
+
+    # Every raw beat came out repaired (after de-duplication), nothing went to the DLQ.
+    assert len(raw) == result.sent
+    assert set(raw) == set(repaired)
+    assert dlq == []
+    statuses = {m["status"] for m in repaired.values()}
+    assert {"complete", "repaired"} <= statuses
+
+    raw_validator, repaired_validator = schema("raw-beat"), schema("repaired-beat")
+    alert_validator, truth_validator = schema("alert"), schema("truth-beat")
+    for key, out in repaired.items():
+        inp = raw[key]
+        raw_validator.validate(inp)
+        repaired_validator.validate(out)
+        missing = [v is None for v in inp["samples"]]
+        # Observed samples bit-identical; imputed mask == dropped samples.
+        assert len(out["samples"]) == len(inp["samples"])
+        for a, b, m in zip(inp["samples"], out["samples"], missing):
+            if not m:
+                assert a == b and type(a) is type(b)
+        if out["status"] == "unrecoverable":
+            assert out["imputed_mask"] == [0] * len(missing) and out["beat_class"] is None
+        else:
+            assert out["imputed_mask"] == [int(m) for m in missing]
+            assert truth[key]["missing_mask"] == out["imputed_mask"]
+    for a in alerts:
+        alert_validator.validate(a)
+    for t in list(truth.values())[:500]:
+        truth_validator.validate(t)
+    lost_truth = sum(t["lost"] for t in truth.values())
+    assert lost_truth == result.skipped
+
+    # The workers' counters equal what is on the topics.
+    def total(name):
+        return sum(metric_sum(s, name) for s in samples)
+
+    assert total("ecg_messages_consumed_total") == len(repaired_list)
+    assert total("ecg_beats_produced_total") == len(repaired_list)
+    assert total("ecg_alerts_total") == len(alerts)
+    for kind in ("anomaly", "arrhythmia", "unrecoverable", "lost_beats"):
+        seen = sum(a["type"] == kind for a in alerts)
+        assert sum(s.get(f"ecg_alerts_total{{type={kind}}}", 0) for s in samples) == seen
+    unrecoverable = sum(m["status"] == "unrecoverable" for m in repaired_list)
+    assert total("ecg_beats_produced_total{status=unrecoverable}") == unrecoverable
+    imputed = sum(sum(m["imputed_mask"]) for m in repaired_list)
+    assert total("ecg_samples_imputed_total") == imputed
+    assert total("ecg_beats_lost_total") == sum(a["detail"]["lost"] for a in alerts
+                                                if a["type"] == "lost_beats")
+    assert total("ecg_dlq_messages_total") == 0
+    assert total("ecg_end_to_end_latency_seconds_count") == len(repaired_list)
+
+    # Live repair quality: the model beats linear interpolation on the same samples.
+    assert evaluator.samples > 10000
+    assert evaluator.rmse("model") < evaluator.rmse("linear")
+    assert evaluator.classified > 0.9 * len(repaired)
+    print(f"live RMSE model {evaluator.rmse('model'):.4f} vs linear "
+          f"{evaluator.rmse('linear'):.4f}; accuracy {evaluator.correct / evaluator.classified:.3f}")
+
+
+def test_rebalance_third_joins_one_leaves(pipeline_config, checkpoint, tmp_path, mixed_dropout):
+    cfg = pipeline_config("simulator.patients=12", "simulator.rate=500", "simulator.beats=6000",
+                          "simulator.seed=5", *mixed_dropout)
+    ensure_topics(cfg.kafka, cfg.topics)
+    procs = start_workers(cfg, tmp_path, 2)
+    try:
+        for _, port in procs:
+            wait_for_metrics(port)
+        sim = {}
+        thread = threading.Thread(target=lambda: sim.update(r=run_simulator(cfg)))
+        thread.start()
+        time.sleep(3)
+        procs += start_workers(cfg, tmp_path, 1, first=2)  # a third worker joins
+        time.sleep(4)
+        first, _ = procs[0]
+        first.send_signal(signal.SIGTERM)  # one leaves mid-stream
+        assert first.wait(timeout=15) == 0
+        thread.join(timeout=120)
+        result = sim["r"]
+        repaired = decode(read_topic(cfg, cfg.topics.repaired, expected=result.sent,
+                                     timeout_s=120))
+    finally:
+        stop_workers(procs)
+    raw = {(m["patient_id"], m["seq"]) for m in decode(read_topic(cfg, cfg.topics.raw,
+                                                                  expected=result.sent))}
+    keys = [(m["patient_id"], m["seq"]) for m in repaired]
+    assert len(raw) == result.sent
+    assert raw == set(keys), f"lost: {len(raw - set(keys))}"
+    workers = {m["worker_id"] for m in repaired}
+    assert {"w0", "w2"} <= workers  # the leaver worked before leaving, the joiner after joining
+    logs = (tmp_path / "worker2.log").read_text()
+    assert "partitions assigned" in logs
+    print(f"rebalance: {len(raw)} beats, {len(keys) - len(set(keys))} duplicates")
+
+
+def test_imputed_beats_are_plausible(pipeline_config, checkpoint, tmp_path):
+    """A repaired beat's filled samples stay in the beat's range (no wild extrapolation)."""
+    cfg = pipeline_config("simulator.patients=4", "simulator.speed=0", "simulator.beats=600",
+                          "simulator.dropout.gap_prob=1.0")
+    ensure_topics(cfg.kafka, cfg.topics)
+    procs = start_workers(cfg, tmp_path, 1)
+    try:
+        wait_for_metrics(procs[0][1])
+        result = run_simulator(cfg)
+        repaired = decode(read_topic(cfg, cfg.topics.repaired, expected=result.sent))
+    finally:
+        stop_workers(procs)
+    filled = np.concatenate([np.asarray(m["samples"], float)[np.asarray(m["imputed_mask"], bool)]
+                             for m in repaired if m["status"] == "repaired"])
+    assert filled.size > 1000
+    assert filled.min() > -0.5 and filled.max() < 1.5
+    assert orjson.dumps(repaired[0])  # serialisable as published
