@@ -34,8 +34,54 @@ SYMBOL_TO_AAMI = {
 }
 
 # Inter-patient split of de Chazal et al. 2004; the paced records are excluded.
-DS1 = ("101 106 108 109 112 114 115 116 118 119 122 124 201 203 205 207 208 209 215 220 223 230").split()
-DS2 = ("100 103 105 111 113 117 121 123 200 202 210 212 213 214 219 221 222 228 231 232 233 234").split()
+DS1 = [
+    "101",
+    "106",
+    "108",
+    "109",
+    "112",
+    "114",
+    "115",
+    "116",
+    "118",
+    "119",
+    "122",
+    "124",
+    "201",
+    "203",
+    "205",
+    "207",
+    "208",
+    "209",
+    "215",
+    "220",
+    "223",
+    "230",
+]
+DS2 = [
+    "100",
+    "103",
+    "105",
+    "111",
+    "113",
+    "117",
+    "121",
+    "123",
+    "200",
+    "202",
+    "210",
+    "212",
+    "213",
+    "214",
+    "219",
+    "221",
+    "222",
+    "228",
+    "231",
+    "232",
+    "233",
+    "234",
+]
 PACED = ("102", "104", "107", "217")
 ALL_RECORDS = tuple(sorted(DS1 + DS2 + list(PACED)))
 NOISE_RECORDS = ("bw", "em", "ma")
@@ -205,7 +251,9 @@ def _cached_record_beats(record: str, data_dir: Path, use_cache: bool) -> Beats:
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, **dict(zip(("samples", "length", "label", "record", "time"), beats._arrays())))
+        np.savez(
+            tmp, **dict(zip(("samples", "length", "label", "record", "time"), beats._arrays()))
+        )
         tmp.replace(path)
     return beats
 
@@ -240,7 +288,10 @@ def load_kaggle_csv(path: str | os.PathLike) -> Beats:
     lengths = np.where(nonzero.any(1), BEAT_LEN - np.argmax(nonzero[:, ::-1], axis=1), 0)
     n = len(samples)
     return Beats(
-        samples, lengths.astype(np.int16), labels.astype(np.int8), np.full(n, Path(path).name),
+        samples,
+        lengths.astype(np.int16),
+        labels.astype(np.int8),
+        np.full(n, Path(path).name),
         np.zeros(n),
     )
 

@@ -74,6 +74,8 @@ def training_mask(rng, length: int, width: int):
 
 def mask_batch(fn, rng, lengths, width: int) -> np.ndarray:
     """Apply a per-beat mask function to every beat: (n, width) bool, True = missing."""
-    return np.stack([fn(rng, int(n), width) for n in lengths]) if len(lengths) else np.zeros(
-        (0, width), bool
+    return (
+        np.stack([fn(rng, int(n), width) for n in lengths])
+        if len(lengths)
+        else np.zeros((0, width), bool)
     )

@@ -94,8 +94,10 @@ def repair(
     """Fill gaps, classify and score a batch in one pass. Observed samples are copied through."""
     beats = np.where(missing, 0.0, beats).astype(np.float32)
     linear = linear_fill(beats, missing)
-    t = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in
-         (beats, missing, template, linear)]
+    t = [
+        torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+        for a in (beats, missing, template, linear)
+    ]
     fill, logits, recon = net(*t)
     filled = np.where(missing, fill.numpy(), beats)
     signal = signal_mask(lengths, beats.shape[1]) & ~missing
@@ -152,8 +154,7 @@ def save_checkpoint(path, net: EcgNet, meta: dict) -> None:
     """Save weights with their config and metadata (plain JSON types only, so the file loads
     with weights_only=True)."""
     plain = json.loads(json.dumps(meta, default=float))
-    torch.save({"state_dict": net.state_dict(), "config": asdict(net.config), "meta": plain},
-               path)
+    torch.save({"state_dict": net.state_dict(), "config": asdict(net.config), "meta": plain}, path)
 
 
 def load_checkpoint(path) -> tuple[EcgNet, dict]:

@@ -57,8 +57,10 @@ def model_inputs(beats: D.Beats, missing: np.ndarray, template: np.ndarray):
     """Tensors (observed, missing, template, linear) for a batch."""
     observed = np.where(missing, 0.0, beats.samples).astype(np.float32)
     linear = linear_fill(observed, missing)
-    return [torch.from_numpy(np.ascontiguousarray(a, np.float32)) for a in
-            (observed, missing, template, linear)]
+    return [
+        torch.from_numpy(np.ascontiguousarray(a, np.float32))
+        for a in (observed, missing, template, linear)
+    ]
 
 
 def epoch_masks(rng, beats: D.Beats):
@@ -78,8 +80,9 @@ def losses(net, batch: D.Beats, missing, template, weights, cfg: TrainConfig):
     obs = signal & ~miss
     impute = ((fill - target) ** 2 * miss).sum() / miss.sum().clamp(min=1)
     rec = ((recon - target) ** 2 * obs).sum() / obs.sum().clamp(min=1)
-    cls = nn.functional.cross_entropy(logits, torch.from_numpy(batch.label.astype(np.int64)),
-                                      weight=weights)
+    cls = nn.functional.cross_entropy(
+        logits, torch.from_numpy(batch.label.astype(np.int64)), weight=weights
+    )
     total = cfg.impute_weight * impute + cfg.recon_weight * rec + cfg.class_weight * cls
     return total, impute, cls, rec
 
@@ -91,8 +94,9 @@ def train(cfg: TrainConfig, data_dir: Path, progress: bool = True):
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
     train_beats, _ = split_beats(cfg, data_dir)
-    net = EcgNet(NetConfig(hidden=cfg.hidden, layers=cfg.layers, patch=cfg.patch,
-                           latent=cfg.latent))
+    net = EcgNet(
+        NetConfig(hidden=cfg.hidden, layers=cfg.layers, patch=cfg.patch, latent=cfg.latent)
+    )
     weights = class_weights(train_beats.label, net.config.n_classes, cfg.max_class_weight)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     per_epoch = cfg.beats_per_epoch or len(train_beats)
@@ -105,8 +109,12 @@ def train(cfg: TrainConfig, data_dir: Path, progress: bool = True):
         missing, template = epoch_masks(rng, train_beats)
         order = rng.permutation(len(train_beats))[:per_epoch]
         sums = np.zeros(4)
-        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not progress, leave=False)
+        bar = tqdm(
+            range(0, len(order), cfg.batch_size),
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not progress,
+            leave=False,
+        )
         for start in bar:
             idx = np.sort(order[start : start + cfg.batch_size])
             parts = losses(net, train_beats.subset(idx), missing[idx], template[idx], weights, cfg)
@@ -118,12 +126,21 @@ def train(cfg: TrainConfig, data_dir: Path, progress: bool = True):
             sums += [p.item() * len(idx) for p in parts]
             bar.set_postfix(impute_rmse=f"{np.sqrt(parts[1].item()):.4f}")
         mean = sums / len(order)
-        history.append({"epoch": epoch + 1, "loss": mean[0], "impute_mse": mean[1],
-                        "class_ce": mean[2], "recon_mse": mean[3],
-                        "seconds": round(time.time() - started, 1)})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": mean[0],
+                "impute_mse": mean[1],
+                "class_ce": mean[2],
+                "recon_mse": mean[3],
+                "seconds": round(time.time() - started, 1),
+            }
+        )
         if progress:
-            tqdm.write(f"epoch {epoch + 1}: impute RMSE {np.sqrt(mean[1]):.4f} "
-                       f"class CE {mean[2]:.3f} recon RMSE {np.sqrt(mean[3]):.4f}")
+            tqdm.write(
+                f"epoch {epoch + 1}: impute RMSE {np.sqrt(mean[1]):.4f} "
+                f"class CE {mean[2]:.3f} recon RMSE {np.sqrt(mean[3]):.4f}"
+            )
     net.eval()
     threshold = calibrate_threshold(net, train_beats, rng, cfg.anomaly_quantile)
     meta = {
@@ -133,10 +150,14 @@ def train(cfg: TrainConfig, data_dir: Path, progress: bool = True):
         "anomaly_threshold": threshold,
         "anomaly_quantile": cfg.anomaly_quantile,
         "normalisation": "MLII at 125 Hz; each 10 s window min-max scaled to [0, 1]; beat = "
-                         "R-peak to R-peak + 1.2 x median RR, zero-padded to 187 (Kachuee 2018)",
-        "training_data": {"database": "MIT-BIH Arrhythmia (mitdb 1.0.0)", "split": cfg.split,
-                          "records": training_records(cfg), "beats": len(train_beats),
-                          "class_counts": train_beats.class_counts()},
+        "R-peak to R-peak + 1.2 x median RR, zero-padded to 187 (Kachuee 2018)",
+        "training_data": {
+            "database": "MIT-BIH Arrhythmia (mitdb 1.0.0)",
+            "split": cfg.split,
+            "records": training_records(cfg),
+            "beats": len(train_beats),
+            "class_counts": train_beats.class_counts(),
+        },
         "train_config": asdict(cfg),
         "history": history,
     }
@@ -153,8 +174,7 @@ def calibrate_threshold(net, beats: D.Beats, rng, quantile: float, limit: int = 
     for start in range(0, len(idx), 1024):
         part = idx[start : start + 1024]
         b = beats.subset(part)
-        scores.append(repair(net, b.samples, missing[part], template[part], b.length)
-                      .anomaly_score)
+        scores.append(repair(net, b.samples, missing[part], template[part], b.length).anomaly_score)
     return float(np.quantile(np.concatenate(scores), quantile)) if scores else 1.0
 
 
@@ -170,8 +190,14 @@ def train_and_save(cfg: TrainConfig, data_dir: Path, progress: bool = True) -> P
 # --------------------------------------------------------------------------- ECG5000
 
 
-def train_ecg5000(directory: Path, epochs: int = 150, seed: int = 0, threads: int = 2,
-                  quantile: float = 0.98, progress: bool = True):
+def train_ecg5000(
+    directory: Path,
+    epochs: int = 150,
+    seed: int = 0,
+    threads: int = 2,
+    quantile: float = 0.98,
+    progress: bool = True,
+):
     """The anomaly branch of EcgNet trained on ECG5000 class-1 (normal) TRAIN beats only.
 
     The threshold is the given quantile of the scores of normal TRAIN beats held out of
@@ -197,10 +223,17 @@ def train_ecg5000(directory: Path, epochs: int = 150, seed: int = 0, threads: in
             opt.step()
     net.eval()
     threshold = float(np.quantile(ecg5000_scores(net, cal), quantile))
-    meta = {"version": f"{MODEL_VERSION}+ecg5000", "anomaly_threshold": threshold,
-            "anomaly_quantile": quantile,
-            "training_data": {"database": "UCR ECG5000", "split": "TRAIN class 1",
-                              "beats": int(len(fit)), "calibration_beats": int(n_cal)}}
+    meta = {
+        "version": f"{MODEL_VERSION}+ecg5000",
+        "anomaly_threshold": threshold,
+        "anomaly_quantile": quantile,
+        "training_data": {
+            "database": "UCR ECG5000",
+            "split": "TRAIN class 1",
+            "beats": int(len(fit)),
+            "calibration_beats": int(n_cal),
+        },
+    }
     return net, meta
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from models import data as D
 from models import masks
+from simulator.synthetic import synthetic_beats
 from stream.config import DropoutConfig
 
 OFFSET_BEATS = 997
@@ -52,11 +53,24 @@ class Patient:
         return i, float(gap if gap > 0 else 0.8)
 
 
-def build_patients(n: int, records: list[str], data_dir: Path) -> list[Patient]:
-    """n virtual patients over the given records (beats loaded once per record)."""
-    by_record = {r: D.load_beats([r], data_dir) for r in records}
-    return [Patient(i, by_record[records[i % len(records)]], records[i % len(records)],
-                    (i // len(records)) * OFFSET_BEATS) for i in range(n)]
+def build_patients(n: int, records: list[str], data_dir: Path | None) -> list[Patient]:
+    """n virtual patients over the given records (beats loaded once per record).
+
+    Without a data directory the records are synthetic (see simulator.synthetic).
+    """
+    if data_dir is None:
+        by_record = {r: synthetic_beats(r, seed=i) for i, r in enumerate(records)}
+    else:
+        by_record = {r: D.load_beats([r], data_dir) for r in records}
+    return [
+        Patient(
+            i,
+            by_record[records[i % len(records)]],
+            records[i % len(records)],
+            (i // len(records)) * OFFSET_BEATS,
+        )
+        for i in range(n)
+    ]
 
 
 class Dropout:
@@ -102,8 +116,17 @@ class Dropout:
         """Turn the patient's beat `index` into what the device sends."""
         beats = patient.beats
         clean = beats.samples[index, : beats.length[index]]
-        beat = SimBeat(patient.patient_id, patient.seq, self.add_noise(clean), clean,
-                       self.missing(len(clean)), D.AAMI_CLASSES[beats.label[index]],
-                       self.lost(), patient.record, int(index), rr_s)
+        beat = SimBeat(
+            patient.patient_id,
+            patient.seq,
+            self.add_noise(clean),
+            clean,
+            self.missing(len(clean)),
+            D.AAMI_CLASSES[beats.label[index]],
+            self.lost(),
+            patient.record,
+            int(index),
+            rr_s,
+        )
         patient.seq += 1
         return beat

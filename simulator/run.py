@@ -45,25 +45,56 @@ def load_noise(cfg: Config) -> np.ndarray | None:
     return D.read_noise(name, nstdb)
 
 
+def data_source(cfg: Config) -> tuple[list[str], Path | None]:
+    """The records to replay and the MIT-BIH directory holding them (DataNotFoundError if
+    unavailable). With `simulator.synthetic` the records are synthetic and there is none."""
+    if cfg.simulator.synthetic:
+        return [f"synthetic-{i}" for i in range(8)], None
+    records = cfg.simulator.records or list(D.DS2)
+    return records, D.locate_database("mitdb", cfg.data.mitdb_dir, records, cfg.data.download)
+
+
 def encode(beat: SimBeat, timestamp: float) -> tuple[bytes, bytes | None]:
     """(raw message, truth message) bytes for one simulated beat."""
     source = {"record": beat.record, "beat_index": beat.beat_index, "lead": "MLII"}
-    raw = messages.dumps(messages.raw_beat(beat.patient_id, beat.seq, timestamp, beat.samples,
-                                           beat.missing, sent_at=time.time(), source=source))
-    truth = messages.dumps(messages.truth_beat(beat.patient_id, beat.seq, timestamp, beat.clean,
-                                               beat.missing, beat.label, beat.lost, source))
+    raw = messages.dumps(
+        messages.raw_beat(
+            beat.patient_id,
+            beat.seq,
+            timestamp,
+            beat.samples,
+            beat.missing,
+            sent_at=time.time(),
+            source=source,
+        )
+    )
+    truth = messages.dumps(
+        messages.truth_beat(
+            beat.patient_id,
+            beat.seq,
+            timestamp,
+            beat.clean,
+            beat.missing,
+            beat.label,
+            beat.lost,
+            source,
+        )
+    )
     return raw, truth
 
 
-def simulate(cfg: Config, producer, metrics: SimulatorMetrics | None = None,
-             stop: threading.Event | None = None) -> SimulationResult:
+def simulate(
+    cfg: Config,
+    producer,
+    metrics: SimulatorMetrics | None = None,
+    stop: threading.Event | None = None,
+) -> SimulationResult:
     """Run the simulator until its duration/beat budget is spent or `stop` is set."""
     sim, topics = cfg.simulator, cfg.topics
     metrics = metrics or SimulatorMetrics()
     stop = stop or threading.Event()
     rng = np.random.default_rng(sim.seed)
-    records = sim.records or list(D.DS2)
-    data_dir = D.locate_database("mitdb", cfg.data.mitdb_dir, records, cfg.data.download)
+    records, data_dir = data_source(cfg)
     patients = build_patients(sim.patients, records, data_dir)
     dropout = Dropout(sim.dropout, rng, load_noise(cfg))
     publisher = BufferedPublisher(producer, metrics, sim.max_buffered)
@@ -74,8 +105,14 @@ def simulate(cfg: Config, producer, metrics: SimulatorMetrics | None = None,
     started = time.monotonic()
     last_ts: dict[int, float] = {}
     emitted = 0
-    log.info("simulating %d patients from %d records (speed %s, rate %s beats/s)",
-             len(patients), len(records), sim.speed, sim.rate)
+    log.info(
+        "simulating %d patients from %d %s records (speed %s, rate %s beats/s)",
+        len(patients),
+        len(records),
+        "SYNTHETIC" if data_dir is None else "MIT-BIH",
+        sim.speed,
+        sim.rate,
+    )
     while not stop.is_set():
         if sim.beats and emitted >= sim.beats:
             break
@@ -105,13 +142,18 @@ def simulate(cfg: Config, producer, metrics: SimulatorMetrics | None = None,
         log.error("%d beats still unacknowledged at exit", publisher.pending())
     result.acked = publisher.acked
     result.dropped = publisher.dropped
-    log.info("simulator done: %d beats sent, %d acknowledged, %d deliberately lost",
-             result.sent, result.acked, result.skipped)
+    log.info(
+        "simulator done: %d beats sent, %d acknowledged, %d deliberately lost",
+        result.sent,
+        result.acked,
+        result.skipped,
+    )
     return result
 
 
-def _pace(speed: float, rate: float, due: float, emitted: int, started: float,
-          stop: threading.Event) -> None:
+def _pace(
+    speed: float, rate: float, due: float, emitted: int, started: float, stop: threading.Event
+) -> None:
     """Sleep until the next beat is due (record time / speed, or emitted / rate)."""
     if rate > 0:
         target = started + emitted / rate

@@ -57,8 +57,13 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
 class EmbeddedBroker:
     """A Tansu broker subprocess. Use as a context manager, or start()/stop()."""
 
-    def __init__(self, port: int | None = None, storage: str = "memory://tansu/",
-                 env: dict | None = None, log_path: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        port: int | None = None,
+        storage: str = "memory://tansu/",
+        env: dict | None = None,
+        log_path: str | os.PathLike | None = None,
+    ):
         self.port = port or free_port()
         self.storage = storage
         self.env = env or {}
@@ -73,9 +78,20 @@ class EmbeddedBroker:
         url = f"tcp://127.0.0.1:{self.port}"
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
-            [str(broker_binary()), "broker", "--listener-url", url,
-             "--advertised-listener-url", url, "--storage-engine", self.storage],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL, env={**os.environ, **self.env},
+            [
+                str(broker_binary()),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                self.storage,
+            ],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.env},
         )
         try:
             wait_for_port(self.port)

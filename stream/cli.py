@@ -28,13 +28,20 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used by tests to list the real subcommands)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="YAML config file (default: packaged defaults)")
-    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set worker.max_batch=512")
+    common.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set worker.max_batch=512",
+    )
     common.add_argument("--data-dir", help="MIT-BIH directory (data.mitdb_dir, ECG_DATA_DIR)")
-    common.add_argument("--bootstrap-servers",
-                        help="Kafka bootstrap servers (kafka.bootstrap_servers)")
-    common.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    common.add_argument(
+        "--bootstrap-servers", help="Kafka bootstrap servers (kafka.bootstrap_servers)"
+    )
+    common.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
 
     parser = _Parser(prog="ecg-stream", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -46,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["inter", "intra"], help="train.split")
     p.add_argument("--epochs", type=int, help="train.epochs")
     p.add_argument("--output", help="checkpoint path (train.output)")
-    p.add_argument("--ecg5000", action="store_true",
-                   help="train the ECG5000 anomaly autoencoder instead")
+    p.add_argument(
+        "--ecg5000", action="store_true", help="train the ECG5000 anomaly autoencoder instead"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = add("evaluate", "evaluate the checkpoints; write report.md/json and figures")
@@ -78,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw JSON")
 
     p = add("demo", "the whole pipeline on an embedded broker for about a minute")
-    p.add_argument("--duration", dest="demo_duration", type=float, default=60.0,
-                   help="seconds of simulation")
+    p.add_argument(
+        "--duration", dest="demo_duration", type=float, default=60.0, help="seconds of simulation"
+    )
     p.add_argument("--patients", type=int, help="simulator.patients")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default="reports/demo", help="report directory")
@@ -138,8 +147,11 @@ def stop_on_signals() -> threading.Event:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLevelName(args.log_level)))
     try:
         cfg = config_from_args(args)
@@ -162,8 +174,9 @@ def user_error(exc: Exception) -> str | None:
     from models.model import CheckpointError
     from stream.broker import BrokerError
 
-    if isinstance(exc, ConfigError | DataNotFoundError | BrokerError | FileNotFoundError
-                  | CheckpointError):
+    if isinstance(
+        exc, ConfigError | DataNotFoundError | BrokerError | FileNotFoundError | CheckpointError
+    ):
         return str(exc)
     if isinstance(exc, KafkaTimeoutError) and "bootstrap" in str(exc):
         return f"no Kafka broker reachable ({exc})"
@@ -175,8 +188,10 @@ def user_error(exc: Exception) -> str | None:
 
 def _require_kafka(cfg) -> None:
     if not cfg.kafka.bootstrap_servers:
-        raise ConfigError("kafka.bootstrap_servers is empty: pass --bootstrap-servers or set "
-                          "ECG_BOOTSTRAP_SERVERS (or run `ecg-stream broker` for a local one)")
+        raise ConfigError(
+            "kafka.bootstrap_servers is empty: pass --bootstrap-servers or set "
+            "ECG_BOOTSTRAP_SERVERS (or run `ecg-stream broker` for a local one)"
+        )
 
 
 def cmd_train(cfg, args):
@@ -205,22 +220,35 @@ def cmd_evaluate(cfg, args):
 
 
 def cmd_simulate(cfg, args):
-    from simulator.run import simulate
+    from simulator.run import data_source, simulate
     from stream.kafka import ensure_topics, make_producer
     from stream.metrics import SimulatorMetrics, serve
 
     _require_kafka(cfg)
+    data_source(cfg)  # fail fast on missing data, before connecting
     ensure_topics(cfg.kafka, cfg.topics)
     metrics = SimulatorMetrics()
     serve(metrics.registry, cfg.metrics.host, cfg.simulator.metrics_port)
-    producer = make_producer(cfg.kafka, max_block_ms=5000,
-                             delivery_timeout_ms=max(120000, cfg.kafka.request_timeout_ms + 1))
+    producer = make_producer(
+        cfg.kafka,
+        max_block_ms=5000,
+        delivery_timeout_ms=max(120000, cfg.kafka.request_timeout_ms + 1),
+    )
     try:
         result = simulate(cfg, producer, metrics, stop_on_signals())
     finally:
         producer.close(timeout=10)
-    print(json.dumps({"sent": result.sent, "acked": result.acked, "skipped": result.skipped,
-                      "dropped": result.dropped, "patients": len(result.patients)}))
+    print(
+        json.dumps(
+            {
+                "sent": result.sent,
+                "acked": result.acked,
+                "skipped": result.skipped,
+                "dropped": result.dropped,
+                "patients": len(result.patients),
+            }
+        )
+    )
 
 
 def cmd_worker(cfg, args):
@@ -261,8 +289,7 @@ def cmd_tail(cfg, args):
     from stream.tail import tail
 
     _require_kafka(cfg)
-    tail(cfg, args.topic, args.from_beginning, args.limit, args.plot, args.json,
-         stop_on_signals())
+    tail(cfg, args.topic, args.from_beginning, args.limit, args.plot, args.json, stop_on_signals())
 
 
 def cmd_demo(cfg, args):
@@ -291,9 +318,16 @@ def cmd_config(cfg, args):
 
 
 COMMANDS = {
-    "train": cmd_train, "evaluate": cmd_evaluate, "simulate": cmd_simulate,
-    "worker": cmd_worker, "evaluate-live": cmd_evaluate_live, "create-topics": cmd_create_topics,
-    "tail": cmd_tail, "demo": cmd_demo, "bench": cmd_bench, "broker": cmd_broker,
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "simulate": cmd_simulate,
+    "worker": cmd_worker,
+    "evaluate-live": cmd_evaluate_live,
+    "create-topics": cmd_create_topics,
+    "tail": cmd_tail,
+    "demo": cmd_demo,
+    "bench": cmd_bench,
+    "broker": cmd_broker,
     "config": cmd_config,
 }
 

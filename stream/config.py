@@ -104,6 +104,7 @@ class SimulatorConfig:
     truth: bool = False  # evaluation mode: ground truth to the truth topic
     max_buffered: int = 100000  # beats held while the broker is unreachable
     metrics_port: int = 0  # 0: no metrics endpoint
+    synthetic: bool = False  # replay synthetic beats (no MIT-BIH data), clearly labelled
     dropout: DropoutConfig = field(default_factory=DropoutConfig)
 
 
@@ -177,12 +178,25 @@ RANGES = [
     ("evaluator.metrics_port", 0, 65535),
     ("simulator.metrics_port", 0, 65535),
 ]
-PROBABILITIES = ("block_prob", "gap_prob", "gap_min", "gap_max", "burst_prob", "burst_enter",
-                 "burst_leave", "drop_prob", "drop_rate", "lost_beat_prob")
+PROBABILITIES = (
+    "block_prob",
+    "gap_prob",
+    "gap_min",
+    "gap_max",
+    "burst_prob",
+    "burst_enter",
+    "burst_leave",
+    "drop_prob",
+    "drop_rate",
+    "lost_beat_prob",
+)
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                env: dict[str, str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> Config:
     """Build the configuration from defaults, a YAML file, the environment and overrides."""
     env = os.environ if env is None else env
     cfg = Config()
@@ -332,8 +346,11 @@ def embedded_profile(cfg: Config, bootstrap: str) -> Config:
     return dataclasses.replace(
         cfg,
         kafka=dataclasses.replace(
-            cfg.kafka, bootstrap_servers=bootstrap, session_timeout_ms=2000,
-            heartbeat_interval_ms=500, replication_factor=1,
+            cfg.kafka,
+            bootstrap_servers=bootstrap,
+            session_timeout_ms=2000,
+            heartbeat_interval_ms=500,
+            replication_factor=1,
         ),
     )
 

@@ -26,8 +26,12 @@ log = logging.getLogger(__name__)
 class LiveEvaluator:
     """Consumes repaired + truth topics in its own group and keeps running error sums."""
 
-    def __init__(self, cfg: Config, metrics: EvaluatorMetrics | None = None,
-                 stop: threading.Event | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        metrics: EvaluatorMetrics | None = None,
+        stop: threading.Event | None = None,
+    ):
         self.cfg = cfg
         self.metrics = metrics or EvaluatorMetrics()
         self.stop = stop or threading.Event()
@@ -39,8 +43,9 @@ class LiveEvaluator:
         self.classified = 0
 
     def run(self) -> None:
-        consumer = make_consumer(self.cfg.kafka, self.cfg.evaluator.group_id,
-                                 enable_auto_commit=True)
+        consumer = make_consumer(
+            self.cfg.kafka, self.cfg.evaluator.group_id, enable_auto_commit=True
+        )
         consumer.subscribe([self.cfg.topics.repaired, self.cfg.topics.truth])
         try:
             while not self.stop.is_set():
@@ -91,8 +96,10 @@ class LiveEvaluator:
         model = np.asarray(repaired["samples"], float)
         observed = np.where(imputed, 0.0, model)
         linear = linear_fill(observed[None, :], imputed[None, :])[0]
-        errors = {"model": model[imputed] - clean[imputed],
-                  "linear": linear[imputed] - clean[imputed]}
+        errors = {
+            "model": model[imputed] - clean[imputed],
+            "linear": linear[imputed] - clean[imputed],
+        }
         self.samples += int(imputed.sum())
         m.masked_samples.inc(int(imputed.sum()))
         for method, err in errors.items():

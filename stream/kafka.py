@@ -5,12 +5,13 @@ Secrets (the SASL password) come only from the environment or a file, and are ne
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from pathlib import Path
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -46,8 +47,11 @@ def client_options(cfg: KafkaConfig) -> dict:
     if cfg.security_protocol.startswith("SASL"):
         if not cfg.sasl_mechanism:
             raise ConfigError("kafka.sasl_mechanism is required with SASL")
-        opts.update(sasl_mechanism=cfg.sasl_mechanism, sasl_plain_username=cfg.sasl_username,
-                    sasl_plain_password=sasl_password(cfg))
+        opts.update(
+            sasl_mechanism=cfg.sasl_mechanism,
+            sasl_plain_username=cfg.sasl_username,
+            sasl_plain_password=sasl_password(cfg),
+        )
     for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
         if getattr(cfg, name):
             opts[name] = getattr(cfg, name)
@@ -109,10 +113,8 @@ def ensure_topics(cfg: KafkaConfig, topics: TopicsConfig, timeout_s: float = 30.
         missing = [n for n in names if n not in existing]
         new = [NewTopic(n, cfg.partitions, cfg.replication_factor) for n in missing]
         if new:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # created concurrently elsewhere
                 admin.create_topics(new)
-            except TopicAlreadyExistsError:
-                pass  # another process created them concurrently
         return missing
     finally:
         admin.close()
@@ -132,3 +134,31 @@ def partition_lag(consumer: KafkaConsumer, partitions) -> dict[int, int]:
             continue
         lag[tp.partition] = max(0, high - consumer.position(tp))
     return lag
+
+
+def assign_all(consumer: KafkaConsumer, topic: str, from_beginning: bool = True) -> None:
+    """Read every partition of a topic without joining a group (subscribers, tests)."""
+    parts = consumer.partitions_for_topic(topic) or set()
+    consumer.assign([TopicPartition(topic, p) for p in sorted(parts)])
+    if from_beginning:
+        consumer.seek_to_beginning()
+    else:
+        consumer.seek_to_end()
+
+
+def scan_topic(cfg: KafkaConfig, topic: str, keep, enough, timeout_s: float = 10.0) -> list:
+    """Decoded JSON messages of a topic, from the beginning, for which keep(msg) is true;
+    stops once enough(kept) is true or after timeout_s."""
+    import orjson
+
+    consumer = make_consumer(cfg, None)
+    kept: list = []
+    try:
+        assign_all(consumer, topic)
+        deadline = time.monotonic() + timeout_s
+        while not enough(kept) and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=500, max_records=5000).values():
+                kept.extend(m for m in map(orjson.loads, (r.value for r in records)) if keep(m))
+        return kept
+    finally:
+        consumer.close()

@@ -34,10 +34,24 @@ class InvalidMessage(ValueError):
 
 
 DLQ_REASONS = (
-    "payload_too_large", "not_utf8", "not_json", "not_object", "missing_field", "wrong_type",
-    "unknown_schema_version", "bad_patient_id", "key_mismatch", "bad_sample_count",
-    "non_finite_sample", "sample_out_of_range", "all_samples_missing", "bad_sampling_rate",
-    "bad_timestamp", "bad_seq", "duplicate_seq", "non_monotonic_timestamp",
+    "payload_too_large",
+    "not_utf8",
+    "not_json",
+    "not_object",
+    "missing_field",
+    "wrong_type",
+    "unknown_schema_version",
+    "bad_patient_id",
+    "key_mismatch",
+    "bad_sample_count",
+    "non_finite_sample",
+    "sample_out_of_range",
+    "all_samples_missing",
+    "bad_sampling_rate",
+    "bad_timestamp",
+    "bad_seq",
+    "duplicate_seq",
+    "non_monotonic_timestamp",
 )
 
 
@@ -69,8 +83,9 @@ def decode_raw(value: bytes | None, key: bytes | None, max_bytes: int) -> RawBea
     The size limit is enforced before any parsing.
     """
     _require(value is not None, "not_json", "empty message (tombstone)")
-    _require(len(value) <= max_bytes, "payload_too_large",
-             f"{len(value)} bytes > limit {max_bytes}")
+    _require(
+        len(value) <= max_bytes, "payload_too_large", f"{len(value)} bytes > limit {max_bytes}"
+    )
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -83,34 +98,52 @@ def decode_raw(value: bytes | None, key: bytes | None, max_bytes: int) -> RawBea
     for name in REQUIRED:
         _require(name in msg, "missing_field", f"'{name}' is required")
     version = msg["schema_version"]
-    _require(version == SCHEMA_VERSION and _is_number(version), "unknown_schema_version",
-             f"schema_version {version!r} (supported: {SCHEMA_VERSION})")
+    _require(
+        version == SCHEMA_VERSION and _is_number(version),
+        "unknown_schema_version",
+        f"schema_version {version!r} (supported: {SCHEMA_VERSION})",
+    )
     patient = msg["patient_id"]
     _require(isinstance(patient, str), "wrong_type", "patient_id must be a string")
-    _require(bool(PATIENT_ID.match(patient)), "bad_patient_id",
-             "patient_id must be 1-64 characters of A-Z a-z 0-9 . _ : -")
+    _require(
+        bool(PATIENT_ID.match(patient)),
+        "bad_patient_id",
+        "patient_id must be 1-64 characters of A-Z a-z 0-9 . _ : -",
+    )
     if key is not None:
-        _require(key == patient.encode(), "key_mismatch",
-                 f"message key {key[:64]!r} differs from patient_id {patient!r}")
+        _require(
+            key == patient.encode(),
+            "key_mismatch",
+            f"message key {key[:64]!r} differs from patient_id {patient!r}",
+        )
     seq = msg["seq"]
-    _require(isinstance(seq, int) and not isinstance(seq, bool), "wrong_type",
-             "seq must be an integer")
+    _require(
+        isinstance(seq, int) and not isinstance(seq, bool), "wrong_type", "seq must be an integer"
+    )
     _require(0 <= seq < 2**63, "bad_seq", f"seq {seq} must be in [0, 2^63)")
     timestamp = msg["timestamp"]
     _require(_is_number(timestamp), "wrong_type", "timestamp must be a number")
-    _require(math.isfinite(timestamp) and timestamp >= 0, "bad_timestamp",
-             f"timestamp {timestamp} must be a finite, non-negative UNIX time")
+    _require(
+        math.isfinite(timestamp) and timestamp >= 0,
+        "bad_timestamp",
+        f"timestamp {timestamp} must be a finite, non-negative UNIX time",
+    )
     sent_at = msg.get("sent_at")
-    _require(sent_at is None or (_is_number(sent_at) and math.isfinite(sent_at)
-                                 and sent_at >= 0), "bad_timestamp",
-             "sent_at must be a finite, non-negative UNIX time")
+    _require(
+        sent_at is None or (_is_number(sent_at) and math.isfinite(sent_at) and sent_at >= 0),
+        "bad_timestamp",
+        "sent_at must be a finite, non-negative UNIX time",
+    )
     fs = msg["fs"]
     _require(_is_number(fs), "wrong_type", "fs must be a number")
     _require(fs == BEAT_FS, "bad_sampling_rate", f"fs {fs} Hz; schema 1 carries {BEAT_FS} Hz")
     values = msg["samples"]
     _require(isinstance(values, list), "wrong_type", "samples must be an array")
-    _require(1 <= len(values) <= MAX_SAMPLES, "bad_sample_count",
-             f"{len(values)} samples; expected 1-{MAX_SAMPLES}")
+    _require(
+        1 <= len(values) <= MAX_SAMPLES,
+        "bad_sample_count",
+        f"{len(values)} samples; expected 1-{MAX_SAMPLES}",
+    )
     samples, missing = _samples(values)
     return RawBeat(patient, seq, float(timestamp), sent_at, samples, missing, values)
 
@@ -119,13 +152,15 @@ def _samples(values: list) -> tuple[np.ndarray, np.ndarray]:
     missing = np.fromiter((v is None for v in values), bool, len(values))
     _require(not missing.all(), "all_samples_missing", "every sample is null")
     present = [v for v in values if v is not None]
-    _require(all(_is_number(v) for v in present), "wrong_type",
-             "samples must be numbers or null")
+    _require(all(_is_number(v) for v in present), "wrong_type", "samples must be numbers or null")
     arr = np.zeros(len(values))
     arr[~missing] = present
     _require(bool(np.isfinite(arr).all()), "non_finite_sample", "a sample is NaN or infinite")
-    _require(bool((np.abs(arr) <= MAX_ABS_SAMPLE).all()), "sample_out_of_range",
-             f"a sample exceeds +/-{MAX_ABS_SAMPLE}")
+    _require(
+        bool((np.abs(arr) <= MAX_ABS_SAMPLE).all()),
+        "sample_out_of_range",
+        f"a sample exceeds +/-{MAX_ABS_SAMPLE}",
+    )
     return arr, missing
 
 
@@ -137,12 +172,25 @@ def dumps(message: dict) -> bytes:
     return orjson.dumps(message, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def raw_beat(patient_id: str, seq: int, timestamp: float, samples, missing, sent_at=None,
-             source: dict | None = None) -> dict:
+def raw_beat(
+    patient_id: str,
+    seq: int,
+    timestamp: float,
+    samples,
+    missing,
+    sent_at=None,
+    source: dict | None = None,
+) -> dict:
     """A raw-beat message: samples with the missing ones as null."""
     values = [None if m else float(v) for v, m in zip(samples, missing)]
-    msg = {"schema_version": SCHEMA_VERSION, "patient_id": patient_id, "seq": int(seq),
-           "timestamp": float(timestamp), "fs": BEAT_FS, "samples": values}
+    msg = {
+        "schema_version": SCHEMA_VERSION,
+        "patient_id": patient_id,
+        "seq": int(seq),
+        "timestamp": float(timestamp),
+        "fs": BEAT_FS,
+        "samples": values,
+    }
     if sent_at is not None:
         msg["sent_at"] = float(sent_at)
     if source:
@@ -150,31 +198,78 @@ def raw_beat(patient_id: str, seq: int, timestamp: float, samples, missing, sent
     return msg
 
 
-def truth_beat(patient_id: str, seq: int, timestamp: float, samples, missing, label: str,
-               lost: bool, source: dict) -> dict:
+def truth_beat(
+    patient_id: str,
+    seq: int,
+    timestamp: float,
+    samples,
+    missing,
+    label: str,
+    lost: bool,
+    source: dict,
+) -> dict:
     """The ground truth of a simulated beat (evaluation mode only)."""
-    return {"schema_version": SCHEMA_VERSION, "patient_id": patient_id, "seq": int(seq),
-            "timestamp": float(timestamp), "fs": BEAT_FS,
-            "samples": [float(v) for v in samples],
-            "missing_mask": [int(m) for m in missing], "label": label, "lost": bool(lost),
-            "source": source}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "patient_id": patient_id,
+        "seq": int(seq),
+        "timestamp": float(timestamp),
+        "fs": BEAT_FS,
+        "samples": [float(v) for v in samples],
+        "missing_mask": [int(m) for m in missing],
+        "label": label,
+        "lost": bool(lost),
+        "source": source,
+    }
 
 
-def dead_letter(reason: str, detail: str, value: bytes | None, key: bytes | None, topic: str,
-                partition: int, offset: int, worker_id: str, keep_bytes: int) -> dict:
+def dead_letter(
+    reason: str,
+    detail: str,
+    value: bytes | None,
+    key: bytes | None,
+    topic: str,
+    partition: int,
+    offset: int,
+    worker_id: str,
+    keep_bytes: int,
+) -> dict:
     """A dead-letter record: the reason and the original bytes (base64, capped)."""
     value = value or b""
-    return {"schema_version": SCHEMA_VERSION, "reason": reason, "detail": detail[:500],
-            "topic": topic, "partition": partition, "offset": offset,
-            "key_b64": None if key is None else base64.b64encode(key[:1024]).decode(),
-            "payload_b64": base64.b64encode(value[:keep_bytes]).decode(),
-            "payload_bytes": len(value), "payload_truncated": len(value) > keep_bytes,
-            "worker_id": worker_id, "created_at": time.time()}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "reason": reason,
+        "detail": detail[:500],
+        "topic": topic,
+        "partition": partition,
+        "offset": offset,
+        "key_b64": None if key is None else base64.b64encode(key[:1024]).decode(),
+        "payload_b64": base64.b64encode(value[:keep_bytes]).decode(),
+        "payload_bytes": len(value),
+        "payload_truncated": len(value) > keep_bytes,
+        "worker_id": worker_id,
+        "created_at": time.time(),
+    }
 
 
-def alert(kind: str, severity: str, patient_id: str, seq: int, timestamp: float,
-          detail: dict, model_version: str) -> dict:
+def alert(
+    kind: str,
+    severity: str,
+    patient_id: str,
+    seq: int,
+    timestamp: float,
+    detail: dict,
+    model_version: str,
+) -> dict:
     """An alert for monitoring systems."""
-    return {"schema_version": SCHEMA_VERSION, "type": kind, "severity": severity,
-            "patient_id": patient_id, "seq": int(seq), "timestamp": float(timestamp),
-            "detail": detail, "model_version": model_version, "created_at": time.time()}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "type": kind,
+        "severity": severity,
+        "patient_id": patient_id,
+        "seq": int(seq),
+        "timestamp": float(timestamp),
+        "detail": detail,
+        "model_version": model_version,
+        "created_at": time.time(),
+    }

@@ -38,7 +38,14 @@ class Engine:
     def load(cls, checkpoint: str | Path = "", threads: int = 2) -> Engine:
         torch.set_num_threads(threads)
         net, meta = load_checkpoint(checkpoint or DEFAULT_CHECKPOINT)
-        return cls(net, meta["version"], float(meta["anomaly_threshold"]))
+        engine = cls(net, meta["version"], float(meta["anomaly_threshold"]))
+        engine.warm_up()
+        return engine
+
+    def warm_up(self) -> None:
+        """One throwaway pass, so the first real batch does not pay for lazy initialisation."""
+        beats = np.zeros((8, BEAT_LEN), np.float32)
+        repair(self.net, beats, np.zeros_like(beats, bool), beats, np.full(8, BEAT_LEN))
 
 
 @dataclass
@@ -98,9 +105,17 @@ class Processor:
 
     def _dead_letter(self, rec, bad: InvalidMessage, out: Output) -> None:
         self.metrics.dlq.labels(bad.reason).inc()
-        letter = messages.dead_letter(bad.reason, bad.detail, rec.value, rec.key, rec.topic,
-                                      rec.partition, rec.offset, self.worker_id,
-                                      self.cfg.worker.max_message_bytes)
+        letter = messages.dead_letter(
+            bad.reason,
+            bad.detail,
+            rec.value,
+            rec.key,
+            rec.topic,
+            rec.partition,
+            rec.offset,
+            self.worker_id,
+            self.cfg.worker.max_message_bytes,
+        )
         out.messages.append((self.cfg.topics.dlq, rec.key, messages.dumps(letter)))
 
     def _repair(self, accepted: list[_Accepted], out: Output) -> None:
@@ -119,8 +134,7 @@ class Processor:
         row = 0
         for a in accepted:
             alerts: list[tuple[str, dict]] = []
-            out.messages.append(self._message(a, None if a.unrecoverable else result, row,
-                                              alerts))
+            out.messages.append(self._message(a, None if a.unrecoverable else result, row, alerts))
             row += not a.unrecoverable
             for kind, detail in alerts:
                 self._alert(out, kind, a.beat, detail)
@@ -132,18 +146,36 @@ class Processor:
         beat, m = a.beat, self.metrics
         n_missing = int(beat.missing.sum())
         m.samples_missing.inc(n_missing)
-        body = {"schema_version": messages.SCHEMA_VERSION, "patient_id": beat.patient_id,
-                "seq": beat.seq, "timestamp": beat.timestamp, "fs": messages.BEAT_FS,
-                "missing_count": n_missing,
-                "missing_fraction": round(n_missing / len(beat.samples), 6),
-                "model_version": self.engine.version, "worker_id": self.worker_id,
-                "received_partition": a.record.partition, "received_offset": a.record.offset}
+        body = {
+            "schema_version": messages.SCHEMA_VERSION,
+            "patient_id": beat.patient_id,
+            "seq": beat.seq,
+            "timestamp": beat.timestamp,
+            "fs": messages.BEAT_FS,
+            "missing_count": n_missing,
+            "missing_fraction": round(n_missing / len(beat.samples), 6),
+            "model_version": self.engine.version,
+            "worker_id": self.worker_id,
+            "received_partition": a.record.partition,
+            "received_offset": a.record.offset,
+        }
         if result is None:
             status = "unrecoverable"
-            body.update(samples=beat.raw_values, imputed_mask=[0] * len(beat.samples),
-                        beat_class=None, anomaly=None)
-            alerts.append(("unrecoverable", {"missing_fraction": body["missing_fraction"],
-                                             "limit": self.cfg.worker.unrecoverable_fraction}))
+            body.update(
+                samples=beat.raw_values,
+                imputed_mask=[0] * len(beat.samples),
+                beat_class=None,
+                anomaly=None,
+            )
+            alerts.append(
+                (
+                    "unrecoverable",
+                    {
+                        "missing_fraction": body["missing_fraction"],
+                        "limit": self.cfg.worker.unrecoverable_fraction,
+                    },
+                )
+            )
         else:
             status = "repaired" if n_missing else "complete"
             body.update(self._repaired_fields(beat, result, row, alerts))
@@ -155,8 +187,10 @@ class Processor:
     def _repaired_fields(self, beat: RawBeat, result, row: int, alerts: list) -> dict:
         n = len(beat.samples)
         filled = result.samples[row, :n]
-        samples = [float(filled[i]) if miss else v
-                   for i, (v, miss) in enumerate(zip(beat.raw_values, beat.missing))]
+        samples = [
+            float(filled[i]) if miss else v
+            for i, (v, miss) in enumerate(zip(beat.raw_values, beat.missing))
+        ]
         self.metrics.samples_imputed.inc(int(beat.missing.sum()))
         probs = result.probabilities[row]
         label = AAMI_CLASSES[int(probs.argmax())]
@@ -165,21 +199,29 @@ class Processor:
         self.metrics.classified.labels(label).inc()
         if flag:
             self.metrics.anomalies.labels(label).inc()
-            alerts.append(("anomaly", {"score": score, "threshold": self.engine.threshold,
-                                       "beat_class": label}))
+            alerts.append(
+                (
+                    "anomaly",
+                    {"score": score, "threshold": self.engine.threshold, "beat_class": label},
+                )
+            )
         w = self.cfg.worker
         if label in w.alert_classes and probs.max() >= w.min_alert_probability:
-            alerts.append(("arrhythmia", {"beat_class": label,
-                                          "probability": float(probs.max())}))
-        return {"samples": samples, "imputed_mask": beat.missing.astype(np.int8).tolist(),
-                "beat_class": {"label": label, "confidence": float(probs.max()),
-                               "probabilities": {c: float(p) for c, p in
-                                                 zip(AAMI_CLASSES, probs)}},
-                "anomaly": {"score": score, "threshold": self.engine.threshold, "flag": flag}}
+            alerts.append(("arrhythmia", {"beat_class": label, "probability": float(probs.max())}))
+        return {
+            "samples": samples,
+            "imputed_mask": beat.missing.astype(np.int8).tolist(),
+            "beat_class": {
+                "label": label,
+                "confidence": float(probs.max()),
+                "probabilities": {c: float(p) for c, p in zip(AAMI_CLASSES, probs)},
+            },
+            "anomaly": {"score": score, "threshold": self.engine.threshold, "flag": flag},
+        }
 
     def _alert(self, out: Output, kind: str, beat: RawBeat, detail: dict) -> None:
         self.metrics.alerts.labels(kind).inc()
-        msg = messages.alert(kind, "warning", beat.patient_id, beat.seq, beat.timestamp, detail,
-                             self.engine.version)
-        out.messages.append((self.cfg.topics.alerts, beat.patient_id.encode(),
-                             messages.dumps(msg)))
+        msg = messages.alert(
+            kind, "warning", beat.patient_id, beat.seq, beat.timestamp, detail, self.engine.version
+        )
+        out.messages.append((self.cfg.topics.alerts, beat.patient_id.encode(), messages.dumps(msg)))

@@ -56,12 +56,16 @@ class PatientRegistry:
             patients[beat.patient_id] = state
         else:
             if beat.seq <= state.last_seq:
-                raise InvalidMessage("duplicate_seq", f"seq {beat.seq} <= last seq "
-                                     f"{state.last_seq} of patient {beat.patient_id}")
+                raise InvalidMessage(
+                    "duplicate_seq",
+                    f"seq {beat.seq} <= last seq {state.last_seq} of patient {beat.patient_id}",
+                )
             if beat.timestamp <= state.last_timestamp:
-                raise InvalidMessage("non_monotonic_timestamp",
-                                     f"timestamp {beat.timestamp} <= previous "
-                                     f"{state.last_timestamp} of patient {beat.patient_id}")
+                raise InvalidMessage(
+                    "non_monotonic_timestamp",
+                    f"timestamp {beat.timestamp} <= previous "
+                    f"{state.last_timestamp} of patient {beat.patient_id}",
+                )
             lost = beat.seq - state.last_seq - 1
         template = state.template.template()
         padded, missing = pad(beat.samples, beat.missing, self.width)

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-from kafka import TopicPartition
 
 from stream.config import Config
-from stream.kafka import make_consumer
+from stream.kafka import assign_all, make_consumer
 
 
 def describe(topic_kind: str, msg: dict) -> str:
@@ -25,9 +24,11 @@ def describe(topic_kind: str, msg: dict) -> str:
         anomaly = msg.get("anomaly") or {}
         flag = " ANOMALY" if anomaly.get("flag") else ""
         label = f"{cls['label']} {cls['confidence']:.2f}" if cls else "-"
-        return (f"{msg['patient_id']} seq={msg['seq']} {msg['status']:<13} "
-                f"imputed={sum(msg['imputed_mask']):>3}/{len(msg['samples']):<3} "
-                f"class={label}{flag}")
+        return (
+            f"{msg['patient_id']} seq={msg['seq']} {msg['status']:<13} "
+            f"imputed={sum(msg['imputed_mask']):>3}/{len(msg['samples']):<3} "
+            f"class={label}{flag}"
+        )
     if topic_kind == "alerts":
         return f"{msg['patient_id']} seq={msg['seq']} {msg['type']} {orjson.dumps(msg['detail'])}"
     if topic_kind == "dlq":
@@ -49,8 +50,9 @@ def plot_beat(msg: dict, path: Path) -> None:
     ax.plot(t, np.where(imputed, np.nan, samples), color="tab:blue", label="observed")
     ax.plot(t, np.where(imputed, samples, np.nan), color="tab:red", lw=2, label="imputed")
     cls = (msg.get("beat_class") or {}).get("label", "-")
-    ax.set_title(f"{msg['patient_id']} seq {msg['seq']} - {msg['status']} - class {cls}",
-                 fontsize=9)
+    ax.set_title(
+        f"{msg['patient_id']} seq {msg['seq']} - {msg['status']} - class {cls}", fontsize=9
+    )
     ax.set_xlabel("s")
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
@@ -58,18 +60,20 @@ def plot_beat(msg: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def tail(cfg: Config, topic_kind: str, from_beginning: bool, limit: int, plot_dir: str | None,
-         as_json: bool, stop: threading.Event, out=print) -> int:
+def tail(
+    cfg: Config,
+    topic_kind: str,
+    from_beginning: bool,
+    limit: int,
+    plot_dir: str | None,
+    as_json: bool,
+    stop: threading.Event,
+    out=print,
+) -> int:
     """Follow a topic until stopped or `limit` messages; returns the number printed."""
     topic = getattr(cfg.topics, topic_kind)
     consumer = make_consumer(cfg.kafka, None)
-    partitions = consumer.partitions_for_topic(topic) or set()
-    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-    consumer.assign(tps)
-    if from_beginning:
-        consumer.seek_to_beginning()
-    else:
-        consumer.seek_to_end()
+    assign_all(consumer, topic, from_beginning)
     if plot_dir:
         Path(plot_dir).mkdir(parents=True, exist_ok=True)
     seen: set = set()

@@ -16,6 +16,7 @@ the current batch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -45,15 +46,21 @@ def default_worker_id() -> str:
 class Worker:
     """One consumer-group member: poll -> process -> publish -> commit."""
 
-    def __init__(self, cfg: Config, engine: Engine, metrics: WorkerMetrics | None = None,
-                 stop: threading.Event | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        engine: Engine,
+        metrics: WorkerMetrics | None = None,
+        stop: threading.Event | None = None,
+    ):
         self.cfg = cfg
         self.metrics = metrics or WorkerMetrics()
         self.stop = stop or threading.Event()
         self.worker_id = cfg.worker.worker_id or default_worker_id()
         self.processor = Processor(cfg, engine, self.metrics, self.worker_id)
-        self.consumer = make_consumer(cfg.kafka, cfg.worker.group_id,
-                                      max_poll_records=cfg.worker.max_batch)
+        self.consumer = make_consumer(
+            cfg.kafka, cfg.worker.group_id, max_poll_records=cfg.worker.max_batch
+        )
         self.producer = make_producer(cfg.kafka, max_block_ms=5000)
         self.pending: list = []
         self.committed: dict[tuple[str, int], int] = {}
@@ -64,8 +71,12 @@ class Worker:
 
     def run(self, max_batches: int = 0) -> None:
         """Run until stopped (or for max_batches batches); always leaves cleanly."""
-        log.info("worker %s consuming %s as group %s", self.worker_id, self.cfg.topics.raw,
-                 self.cfg.worker.group_id)
+        log.info(
+            "worker %s consuming %s as group %s",
+            self.worker_id,
+            self.cfg.topics.raw,
+            self.cfg.worker.group_id,
+        )
         try:
             while not self.stop.is_set():
                 self.poll_batch()
@@ -86,8 +97,9 @@ class Worker:
                 break
             # With nothing pending, wait a little longer so an idle worker does not spin.
             timeout_ms = max(1, int(remaining * 1000)) if self.pending else 200
-            polled = self.consumer.poll(timeout_ms=timeout_ms,
-                                        max_records=w.max_batch - len(self.pending))
+            polled = self.consumer.poll(
+                timeout_ms=timeout_ms, max_records=w.max_batch - len(self.pending)
+            )
             for records in polled.values():
                 self.pending.extend(records)
             if not self.pending:
@@ -120,22 +132,23 @@ class Worker:
             futures = []
             for topic, key, value in todo:
                 try:
-                    futures.append(((topic, key, value),
-                                    self.producer.send(topic, key=key, value=value)))
+                    futures.append(
+                        ((topic, key, value), self.producer.send(topic, key=key, value=value))
+                    )
                 except KafkaTimeoutError as exc:
                     futures.append(((topic, key, value), exc))
-            try:
+            # On a timeout, the futures below say which records to resend.
+            with contextlib.suppress(KafkaTimeoutError):
                 self.producer.flush(timeout=self.cfg.kafka.request_timeout_ms / 1000)
-            except KafkaTimeoutError:
-                pass  # the failed futures below say which records to resend
             todo = [msg for msg, fut in futures if not _succeeded(fut)]
             if not todo:
                 self.metrics.kafka.ok()
                 return True
             self.metrics.kafka.failed("produce")
             if self._stopping_hard(attempt):
-                log.error("stopping with %d unpublished outputs; the batch will be replayed",
-                          len(todo))
+                log.error(
+                    "stopping with %d unpublished outputs; the batch will be replayed", len(todo)
+                )
                 return False
             delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
             log.warning("publish failed for %d messages; retrying in %.2f s", len(todo), delay)
@@ -191,16 +204,16 @@ class Worker:
         self.metrics.state_resets.inc(resets)
         for tp in partitions:
             self.committed.pop((tp.topic, tp.partition), None)
-            try:
+            with contextlib.suppress(KeyError):
                 self.metrics.lag.remove(str(tp.partition))
-            except KeyError:
-                pass
         log.info("partitions revoked: %s", sorted(numbers))
 
     def on_assigned(self, partitions) -> None:
         self.metrics.partitions.set(len(self.consumer.assignment()))
-        log.info("partitions assigned: %s (patient state is rebuilt from the next beats)",
-                 sorted(tp.partition for tp in partitions))
+        log.info(
+            "partitions assigned: %s (patient state is rebuilt from the next beats)",
+            sorted(tp.partition for tp in partitions),
+        )
 
     def update_lag(self) -> None:
         try:

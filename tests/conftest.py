@@ -40,8 +40,10 @@ def require_binary(name: str) -> str:
 def data_dir() -> Path:
     """The real MIT-BIH directory (ECG_DATA_DIR)."""
     configured = os.environ.get("ECG_DATA_DIR", "")
-    require(bool(configured) and (Path(configured) / "100.hea").exists(),
-            "MIT-BIH data not found: set ECG_DATA_DIR")
+    require(
+        bool(configured) and (Path(configured) / "100.hea").exists(),
+        "MIT-BIH data not found: set ECG_DATA_DIR",
+    )
     return Path(configured)
 
 
@@ -77,8 +79,7 @@ def unique_topics_config(bootstrap: str, data_dir: Path | None, *overrides: str)
     """A config on the embedded broker with topic and group names unique to one test."""
     tag = uuid.uuid4().hex[:8]
     base = [f"topics.{k}=t{tag}.{k}" for k in ("raw", "truth", "repaired", "alerts", "dlq")]
-    base += [f"worker.group_id=workers-{tag}", f"evaluator.group_id=eval-{tag}",
-             "metrics.port=0"]
+    base += [f"worker.group_id=workers-{tag}", f"evaluator.group_id=eval-{tag}", "metrics.port=0"]
     if data_dir:
         base.append(f"data.mitdb_dir={data_dir}")
     cfg = load_config(overrides=base + list(overrides), env={})

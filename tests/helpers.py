@@ -12,11 +12,10 @@ from pathlib import Path
 
 import orjson
 import yaml
-from kafka import TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from stream.config import Config, as_dict
-from stream.kafka import make_consumer
+from stream.kafka import assign_all, make_consumer
 from stream.metrics import WorkerMetrics
 from stream.processor import Engine
 from stream.worker import Worker
@@ -24,15 +23,14 @@ from stream.worker import Worker
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def read_topic(cfg: Config, topic: str, expected: int = 0, timeout_s: float = 60.0,
-               idle_s: float = 3.0) -> list:
+def read_topic(
+    cfg: Config, topic: str, expected: int = 0, timeout_s: float = 60.0, idle_s: float = 3.0
+) -> list:
     """Every record of a topic (all partitions, from the beginning). Stops when `expected`
     records arrived, or nothing new came for idle_s, or at timeout_s."""
     consumer = make_consumer(cfg.kafka, None)
     try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        consumer.assign([TopicPartition(topic, p) for p in parts])
-        consumer.seek_to_beginning()
+        assign_all(consumer, topic)
         records, deadline, last_new = [], time.monotonic() + timeout_s, time.monotonic()
         while time.monotonic() < deadline:
             batch = consumer.poll(timeout_ms=300)
@@ -83,8 +81,13 @@ def start_process(args: list[str], cfg_path: Path, log_path: Path, env: dict | N
     log = open(log_path, "ab")  # noqa: SIM115 - closed with the process
     full_env = {**os.environ, **(env or {})}
     full_env.pop("ECG_CONFIG", None)
-    return subprocess.Popen([sys.executable, "-m", "stream.cli", *args, "--config", str(cfg_path)],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=full_env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "stream.cli", *args, "--config", str(cfg_path)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=full_env,
+    )
 
 
 def scrape(port: int) -> dict[str, float]:

@@ -39,9 +39,12 @@ def test_fillers_change_only_missing_samples(record_100):
     beats = record_100.subset(np.arange(300))
     missing = masked(beats)
     template = B.running_templates(beats.samples, missing, beats.record)
-    for filled in (B.zero_fill(beats.samples, missing), B.linear_fill(beats.samples, missing),
-                   B.spline_fill(beats.samples, missing),
-                   B.template_fill(beats.samples, missing, template)):
+    for filled in (
+        B.zero_fill(beats.samples, missing),
+        B.linear_fill(beats.samples, missing),
+        B.spline_fill(beats.samples, missing),
+        B.template_fill(beats.samples, missing, template),
+    ):
         assert np.array_equal(filled[~missing], beats.samples[~missing])
 
 
@@ -120,20 +123,34 @@ def test_malicious_pickle_is_refused(tmp_path):
 
 def test_committed_checkpoint_carries_its_description(checkpoint):
     _, meta = load_checkpoint(checkpoint)
-    for key in ("version", "anomaly_threshold", "normalisation", "training_data",
-                "train_config", "history"):
+    for key in (
+        "version",
+        "anomaly_threshold",
+        "normalisation",
+        "training_data",
+        "train_config",
+        "history",
+    ):
         assert key in meta
     assert meta["training_data"]["split"] == "inter"
     assert set(meta["training_data"]["records"]).isdisjoint({"100", "213", "232"})  # DS2
 
 
 def test_tiny_training_learns_and_is_reproducible(data_dir):
-    cfg = TrainConfig(records=["100", "101"], epochs=2, beats_per_epoch=512, hidden=16,
-                      latent=4, batch_size=64, seed=7)
+    cfg = TrainConfig(
+        records=["100", "101"],
+        epochs=2,
+        beats_per_epoch=512,
+        hidden=16,
+        latent=4,
+        batch_size=64,
+        seed=7,
+    )
     net_a, meta_a = train(cfg, data_dir, progress=False)
     net_b, meta_b = train(cfg, data_dir, progress=False)
-    assert meta_a["history"] == [{**h, "seconds": meta_a["history"][i]["seconds"]}
-                                 for i, h in enumerate(meta_b["history"])]
+    assert meta_a["history"] == [
+        {**h, "seconds": meta_a["history"][i]["seconds"]} for i, h in enumerate(meta_b["history"])
+    ]
     first, last = meta_a["history"][0], meta_a["history"][-1]
     assert last["loss"] < first["loss"]
     assert meta_a["anomaly_threshold"] > 0

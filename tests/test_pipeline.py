@@ -33,9 +33,11 @@ def start_workers(cfg, tmp_path: Path, n: int, first: int = 0):
     for i in range(first, first + n):
         port = free_port()
         path = write_config(cfg, tmp_path / f"worker{i}.yaml")
-        proc = start_process(["worker", "--metrics-port", str(port),
-                              "--set", f"worker.worker_id=w{i}"], path,
-                             tmp_path / f"worker{i}.log")
+        proc = start_process(
+            ["worker", "--metrics-port", str(port), "--set", f"worker.worker_id=w{i}"],
+            path,
+            tmp_path / f"worker{i}.log",
+        )
         procs.append((proc, port))
     return procs
 
@@ -72,14 +74,24 @@ def run_simulator(cfg):
 
 @pytest.fixture
 def mixed_dropout():
-    return ["simulator.dropout.block_prob=0.15", "simulator.dropout.gap_prob=0.35",
-            "simulator.dropout.burst_prob=0.25", "simulator.dropout.drop_prob=0.15",
-            "simulator.dropout.lost_beat_prob=0.01"]
+    return [
+        "simulator.dropout.block_prob=0.15",
+        "simulator.dropout.gap_prob=0.35",
+        "simulator.dropout.burst_prob=0.25",
+        "simulator.dropout.drop_prob=0.15",
+        "simulator.dropout.lost_beat_prob=0.01",
+    ]
 
 
 def test_simulator_to_two_workers(pipeline_config, checkpoint, tmp_path, mixed_dropout):
-    cfg = pipeline_config("simulator.patients=10", "simulator.speed=0", "simulator.beats=5600",
-                          "simulator.truth=true", "simulator.seed=11", *mixed_dropout)
+    cfg = pipeline_config(
+        "simulator.patients=10",
+        "simulator.speed=0",
+        "simulator.beats=5600",
+        "simulator.truth=true",
+        "simulator.seed=11",
+        *mixed_dropout,
+    )
     ensure_topics(cfg.kafka, cfg.topics)
     procs = start_workers(cfg, tmp_path, 2)
     evaluator = LiveEvaluator(cfg)
@@ -91,8 +103,7 @@ def test_simulator_to_two_workers(pipeline_config, checkpoint, tmp_path, mixed_d
         result = run_simulator(cfg)
         assert result.sent >= 5000 and len(result.patients) >= 8 and result.skipped > 0
         assert result.acked == result.sent
-        repaired_records = read_topic(cfg, cfg.topics.repaired, expected=result.sent,
-                                      timeout_s=120)
+        repaired_records = read_topic(cfg, cfg.topics.repaired, expected=result.sent, timeout_s=120)
         time.sleep(1.0)  # let the last metrics settle
         samples = [scrape(port) for _, port in procs]
     finally:
@@ -100,8 +111,10 @@ def test_simulator_to_two_workers(pipeline_config, checkpoint, tmp_path, mixed_d
         evaluator.stop.set()
         eval_thread.join(timeout=10)
 
-    raw = {(m["patient_id"], m["seq"]): m for m in decode(read_topic(cfg, cfg.topics.raw,
-                                                                     expected=result.sent))}
+    raw = {
+        (m["patient_id"], m["seq"]): m
+        for m in decode(read_topic(cfg, cfg.topics.raw, expected=result.sent))
+    }
     truth = {(m["patient_id"], m["seq"]): m for m in decode(read_topic(cfg, cfg.topics.truth))}
     repaired_list = decode(repaired_records)
     repaired = {(m["patient_id"], m["seq"]): m for m in repaired_list}
@@ -153,8 +166,9 @@ def test_simulator_to_two_workers(pipeline_config, checkpoint, tmp_path, mixed_d
     assert total("ecg_beats_produced_total{status=unrecoverable}") == unrecoverable
     imputed = sum(sum(m["imputed_mask"]) for m in repaired_list)
     assert total("ecg_samples_imputed_total") == imputed
-    assert total("ecg_beats_lost_total") == sum(a["detail"]["lost"] for a in alerts
-                                                if a["type"] == "lost_beats")
+    assert total("ecg_beats_lost_total") == sum(
+        a["detail"]["lost"] for a in alerts if a["type"] == "lost_beats"
+    )
     assert total("ecg_dlq_messages_total") == 0
     assert total("ecg_end_to_end_latency_seconds_count") == len(repaired_list)
 
@@ -162,13 +176,20 @@ def test_simulator_to_two_workers(pipeline_config, checkpoint, tmp_path, mixed_d
     assert evaluator.samples > 10000
     assert evaluator.rmse("model") < evaluator.rmse("linear")
     assert evaluator.classified > 0.9 * len(repaired)
-    print(f"live RMSE model {evaluator.rmse('model'):.4f} vs linear "
-          f"{evaluator.rmse('linear'):.4f}; accuracy {evaluator.correct / evaluator.classified:.3f}")
+    print(
+        f"live RMSE model {evaluator.rmse('model'):.4f} vs linear "
+        f"{evaluator.rmse('linear'):.4f}; accuracy {evaluator.correct / evaluator.classified:.3f}"
+    )
 
 
 def test_rebalance_third_joins_one_leaves(pipeline_config, checkpoint, tmp_path, mixed_dropout):
-    cfg = pipeline_config("simulator.patients=12", "simulator.rate=500", "simulator.beats=6000",
-                          "simulator.seed=5", *mixed_dropout)
+    cfg = pipeline_config(
+        "simulator.patients=12",
+        "simulator.rate=500",
+        "simulator.beats=6000",
+        "simulator.seed=5",
+        *mixed_dropout,
+    )
     ensure_topics(cfg.kafka, cfg.topics)
     procs = start_workers(cfg, tmp_path, 2)
     try:
@@ -185,12 +206,13 @@ def test_rebalance_third_joins_one_leaves(pipeline_config, checkpoint, tmp_path,
         assert first.wait(timeout=15) == 0
         thread.join(timeout=120)
         result = sim["r"]
-        repaired = decode(read_topic(cfg, cfg.topics.repaired, expected=result.sent,
-                                     timeout_s=120))
+        repaired = decode(read_topic(cfg, cfg.topics.repaired, expected=result.sent, timeout_s=120))
     finally:
         stop_workers(procs)
-    raw = {(m["patient_id"], m["seq"]) for m in decode(read_topic(cfg, cfg.topics.raw,
-                                                                  expected=result.sent))}
+    raw = {
+        (m["patient_id"], m["seq"])
+        for m in decode(read_topic(cfg, cfg.topics.raw, expected=result.sent))
+    }
     keys = [(m["patient_id"], m["seq"]) for m in repaired]
     assert len(raw) == result.sent
     assert raw == set(keys), f"lost: {len(raw - set(keys))}"
@@ -203,8 +225,12 @@ def test_rebalance_third_joins_one_leaves(pipeline_config, checkpoint, tmp_path,
 
 def test_imputed_beats_are_plausible(pipeline_config, checkpoint, tmp_path):
     """A repaired beat's filled samples stay in the beat's range (no wild extrapolation)."""
-    cfg = pipeline_config("simulator.patients=4", "simulator.speed=0", "simulator.beats=600",
-                          "simulator.dropout.gap_prob=1.0")
+    cfg = pipeline_config(
+        "simulator.patients=4",
+        "simulator.speed=0",
+        "simulator.beats=600",
+        "simulator.dropout.gap_prob=1.0",
+    )
     ensure_topics(cfg.kafka, cfg.topics)
     procs = start_workers(cfg, tmp_path, 1)
     try:
@@ -213,8 +239,13 @@ def test_imputed_beats_are_plausible(pipeline_config, checkpoint, tmp_path):
         repaired = decode(read_topic(cfg, cfg.topics.repaired, expected=result.sent))
     finally:
         stop_workers(procs)
-    filled = np.concatenate([np.asarray(m["samples"], float)[np.asarray(m["imputed_mask"], bool)]
-                             for m in repaired if m["status"] == "repaired"])
+    filled = np.concatenate(
+        [
+            np.asarray(m["samples"], float)[np.asarray(m["imputed_mask"], bool)]
+            for m in repaired
+            if m["status"] == "repaired"
+        ]
+    )
     assert filled.size > 1000
     assert filled.min() > -0.5 and filled.max() < 1.5
     assert orjson.dumps(repaired[0])  # serialisable as published

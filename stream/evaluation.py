@@ -1,0 +1,31 @@
+"""`ecg-stream evaluate`: resolve data and checkpoints from the config, then run the offline
+evaluation of `models.evaluate` (imputation, classification, anomaly; report + figures)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from models import data as D
+from stream.config import Config, resolve_data_dirs
+from stream.processor import DEFAULT_CHECKPOINT
+
+WEIGHTS = DEFAULT_CHECKPOINT.parent
+
+
+def run_evaluation(cfg: Config, out: Path, max_beats: int = 0) -> dict:
+    """Evaluate the configured (default: committed) checkpoints; returns the report dict."""
+    from models.evaluate import evaluate
+
+    dirs = resolve_data_dirs(cfg)
+    data_dir = D.locate_database("mitdb", dirs.mitdb_dir, D.ALL_RECORDS, cfg.data.download)
+    ecg5000 = Path(dirs.ecg5000_dir) if dirs.ecg5000_dir else None
+    if ecg5000 is None or not (ecg5000 / "ECG5000_TEST.tsv").exists():
+        raise D.DataNotFoundError("ECG5000 not found: set data.ecg5000_dir (ECG5000_DIR)")
+    inter = Path(cfg.model.checkpoint or DEFAULT_CHECKPOINT)
+    for path in (inter, WEIGHTS / "ecgnet-intra.pt"):
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint not found: {path} (run make train)")
+    ae = Path(cfg.model.ecg5000_checkpoint or WEIGHTS / "ecg5000-ae.pt")
+    return evaluate(
+        out, data_dir, ecg5000, inter, WEIGHTS / "ecgnet-intra.pt", ae, max_beats=max_beats
+    )

@@ -1,0 +1,138 @@
+"""One config source (YAML -> dataclasses, env, CLI) and a CLI that fails in one line."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from stream import cli
+from stream.config import Config, ConfigError, load_config
+from stream.kafka import client_options
+from tests.helpers import ROOT
+
+
+def run_cli(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "stream.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_packaged_yaml_documents_every_default():
+    assert load_config(env={}) == Config()
+
+
+def test_precedence_yaml_env_cli(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("worker:\n  max_batch: 64\n  max_wait_ms: 7\n")
+    env = {"ECG_WORKER__MAX_BATCH": "128", "ECG_DATA_DIR": "/data/mitdb"}
+    cfg = load_config(path, ["worker.max_batch=512"], env=env)
+    assert cfg.worker.max_batch == 512 and cfg.worker.max_wait_ms == 7
+    assert cfg.data.mitdb_dir == "/data/mitdb"
+    assert load_config(path, env=env).worker.max_batch == 128
+    cfg = load_config(overrides=["simulator.records=100,101", "kafka.compression=lz4"], env={})
+    assert cfg.simulator.records == ["100", "101"] and cfg.kafka.compression == "lz4"
+
+
+@pytest.mark.parametrize(
+    "content,overrides,needle",
+    [
+        ("worker: [unclosed", [], "invalid YAML"),
+        ("worker:\n  max_bach: 3\n", [], "unknown config key: worker.max_bach"),
+        ("nosuchsection: {}\n", [], "unknown config key: nosuchsection"),
+        ("", ["worker.max_batch=0"], "worker.max_batch = 0 is out of range"),
+        ("", ["worker.max_batch=many"], "worker.max_batch must be an integer"),
+        ("", ["simulator.dropout.gap_prob=1.5"], "simulator.dropout.gap_prob"),
+        ("", ["kafka.compression=brotli"], "kafka.compression"),
+        ("", ["worker.alert_classes=X"], "worker.alert_classes"),
+        ("", ["train.split=both"], "train.split"),
+        ("", ["metrics.port=70000"], "metrics.port"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, content, overrides, needle):
+    path = tmp_path / "c.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):
+        load_config(path, overrides, env={})
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("worker:\n  max_bach: 3\n")
+    cases = [
+        (["worker", "--no-such-flag"], "unrecognized arguments"),
+        (["simulate", "--patients", "many"], "invalid int value"),
+        (["config", "--config", str(bad)], "unknown config key: worker.max_bach"),
+        (["config", "--set", "kafka.partitions=0"], "kafka.partitions"),
+        (["worker"], "kafka.bootstrap_servers is empty"),
+        (
+            ["simulate", "--bootstrap-servers", "127.0.0.1:1", "--data-dir", str(tmp_path)],
+            "mitdb records not found",
+        ),
+        (
+            [
+                "worker",
+                "--bootstrap-servers",
+                "127.0.0.1:1",
+                "--set",
+                f"model.checkpoint={tmp_path / 'none.pt'}",
+            ],
+            "none.pt",
+        ),
+    ]
+    for args, needle in cases:
+        proc = run_cli(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = [ln for ln in proc.stderr.splitlines() if "error" in ln]
+        assert len(lines) == 1 and needle in lines[0], (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+
+
+def test_every_subcommand_has_help():
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert set(commands) == set(cli.COMMANDS)
+    for name in commands:
+        with pytest.raises(SystemExit) as info:
+            parser.parse_args([name, "--help"])
+        assert info.value.code == 0
+
+
+def test_sasl_and_ssl_pass_through_and_secret_stays_secret(tmp_path, monkeypatch, caplog):
+    secret = tmp_path / "password"
+    secret.write_text("s3cr3t-value\n")
+    cfg = load_config(
+        overrides=[
+            "kafka.bootstrap_servers=k1:9093,k2:9093",
+            "kafka.security_protocol=SASL_SSL",
+            "kafka.sasl_mechanism=SCRAM-SHA-512",
+            "kafka.sasl_username=ecg",
+            f"kafka.sasl_password_file={secret}",
+            "kafka.ssl_cafile=/etc/ca.pem",
+        ],
+        env={},
+    )
+    monkeypatch.delenv("ECG_KAFKA_SASL_PASSWORD", raising=False)
+    with caplog.at_level(logging.DEBUG):
+        opts = client_options(cfg.kafka)
+    assert opts["bootstrap_servers"] == ["k1:9093", "k2:9093"]
+    assert opts["sasl_mechanism"] == "SCRAM-SHA-512" and opts["sasl_plain_username"] == "ecg"
+    assert opts["sasl_plain_password"] == "s3cr3t-value" and opts["ssl_cafile"] == "/etc/ca.pem"
+    monkeypatch.setenv("ECG_KAFKA_SASL_PASSWORD", "from-env")
+    assert client_options(cfg.kafka)["sasl_plain_password"] == "from-env"
+    assert "s3cr3t" not in caplog.text
+    # The password is not a config key, so `ecg-stream config` can never print it.
+    assert "password" not in {f.name for f in dataclasses.fields(cfg.kafka)}
+
+
+def test_config_command_prints_effective_config():
+    proc = run_cli("config", "--set", "worker.max_batch=77")
+    assert proc.returncode == 0 and '"max_batch": 77' in proc.stdout
