@@ -1,0 +1,383 @@
+"""`ecg-stream bench`: one run, one process tree, one table (and a JSON file).
+
+1. model-only throughput vs batch size: the shipped EcgNet (whole `repair` call, numpy in and
+   out) and the reference notebook's pair (LSTM 64-32-64 autoencoder + 2-layer LSTM-64
+   classifier, forward passes only);
+2. the Kafka pass-through ceiling: a worker that decodes and re-publishes, no model;
+3. the full worker (a real `ecg-stream worker` process) end to end through the broker;
+4. a naive worker: poll one, infer one, produce one, commit (max_batch = 1);
+5. end-to-end latency p50/p95/p99 at fixed offered loads to one worker;
+6. peak RSS of the worker process.
+
+Throughputs are measured on a backlog produced beforehand, from the first to the last
+consumed record (group join excluded). Latency is raw-record publish time to repaired-record
+publish time, both Kafka CreateTime stamps from this host's clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from models.data import BEAT_LEN
+from models.model import ReferenceAutoencoder, ReferenceClassifier, repair
+from simulator.run import simulate
+from stream.broker import EmbeddedBroker, free_port
+from stream.config import Config, as_dict, embedded_profile, load_config, set_value
+from stream.demo import scrape, total
+from stream.kafka import assign_all, ensure_topics, make_consumer, make_producer
+from stream.messages import decode_raw
+from stream.metrics import SimulatorMetrics, WorkerMetrics
+from stream.processor import Engine, Output
+from stream.state import PatientRegistry
+from stream.worker import Worker
+
+BATCH_SIZES = (1, 8, 32, 128, 256, 512, 1024)
+
+
+def _rate(fn, beats: int, min_seconds: float) -> float:
+    """Beats/s of fn() (one warm-up call, then repeated for at least min_seconds)."""
+    fn()
+    calls, started = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= min_seconds and calls >= 3:
+            return calls * beats / elapsed
+
+
+def model_throughput(engine: Engine, min_seconds: float) -> list[dict]:
+    """Beats/s of the shipped model and of the reference pair, per batch size."""
+    reference_ae, reference_cls = ReferenceAutoencoder().eval(), ReferenceClassifier().eval()
+    rng = np.random.default_rng(0)
+    rows = []
+    for b in BATCH_SIZES:
+        beats = rng.random((b, 187), dtype=np.float32)
+        missing = rng.random((b, 187)) < 0.15
+        lengths = np.full(b, 150)
+        tensor = torch.from_numpy(beats)
+
+        def shipped(beats=beats, missing=missing, lengths=lengths):
+            repair(engine.net, beats, missing, beats, lengths)
+
+        def reference(tensor=tensor):
+            with torch.inference_mode():
+                reference_ae(tensor)
+                reference_cls(tensor)
+
+        rows.append(
+            {
+                "batch": b,
+                "shipped": _rate(shipped, b, min_seconds),
+                "reference": _rate(reference, b, min_seconds),
+            }
+        )
+    return rows
+
+
+class PassThrough:
+    """Processor stand-in: validate and re-publish the raw beat, no model."""
+
+    def __init__(self, cfg: Config, metrics: WorkerMetrics):
+        self.cfg, self.metrics = cfg, metrics
+        self.registry = PatientRegistry(BEAT_LEN, 1)  # the worker resets it on rebalances
+
+    def process(self, records) -> Output:
+        out = Output()
+        for rec in records:
+            self.metrics.consumed.inc()
+            key = (rec.topic, rec.partition)
+            out.offsets[key] = max(out.offsets.get(key, 0), rec.offset + 1)
+            decode_raw(rec.value, rec.key, self.cfg.worker.max_message_bytes)
+            out.messages.append((self.cfg.topics.repaired, rec.key, rec.value))
+            out.sent_at.append(time.time())
+        return out
+
+
+def fresh(cfg: Config, tag: str, *overrides: str) -> Config:
+    """A copy of cfg with its own topics and consumer group."""
+    topics = dataclasses.replace(
+        cfg.topics, **{k: f"bench.{tag}.{k}" for k in ("raw", "truth", "repaired", "alerts", "dlq")}
+    )
+    worker = dataclasses.replace(cfg.worker, group_id=f"bench-{tag}")
+    out = dataclasses.replace(cfg, topics=topics, worker=worker)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        set_value(out, key, value)
+    return out
+
+
+def produce_backlog(cfg: Config, beats: int, rate: float = 0.0) -> int:
+    """Publish `beats` simulated beats (as fast as possible, or at `rate`)."""
+    sim = dataclasses.replace(
+        cfg.simulator, beats=beats, speed=0.0, rate=rate, truth=False, duration_s=0.0
+    )
+    producer = make_producer(cfg.kafka, linger_ms=20)
+    try:
+        return simulate(dataclasses.replace(cfg, simulator=sim), producer, SimulatorMetrics()).sent
+    finally:
+        producer.close()
+
+
+def count_rate(read_count, expected: int, timeout_s: float) -> float:
+    """Beats/s from the first consumed record to the last, polling a counter."""
+    deadline = time.monotonic() + timeout_s
+    first = None
+    while time.monotonic() < deadline:
+        done = read_count()
+        now = time.monotonic()
+        if first is None and done > 0:
+            first = (now, done)
+        if done >= expected:
+            return (done - first[1]) / max(now - first[0], 1e-6) if first else float("nan")
+        time.sleep(0.01)
+    raise TimeoutError(f"only {read_count()} of {expected} records consumed")
+
+
+def passthrough_throughput(cfg: Config, beats: int, engine: Engine) -> float:
+    cfg = fresh(cfg, "pass")
+    ensure_topics(cfg.kafka, cfg.topics)
+    sent = produce_backlog(cfg, beats)
+    metrics = WorkerMetrics()
+    worker = Worker(cfg, engine, metrics)
+    worker.processor = PassThrough(cfg, metrics)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        return count_rate(lambda: metrics.consumed._value.get(), sent, 600)
+    finally:
+        worker.stop.set()
+        thread.join(timeout=30)
+
+
+class WorkerProcess:
+    """A real `ecg-stream worker` subprocess with its metrics endpoint."""
+
+    def __init__(self, cfg: Config, workdir: Path, name: str):
+        self.port = free_port()
+        path = workdir / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(as_dict(cfg)))
+        self.log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "stream.cli",
+                "worker",
+                "--config",
+                str(path),
+                "--metrics-port",
+                str(self.port),
+                "--set",
+                "metrics.host=127.0.0.1",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def consumed(self) -> float:
+        return total(scrape(self.port), "ecg_messages_consumed_total")
+
+    def ready(self, partitions: int, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if total(scrape(self.port), "ecg_assigned_partitions") >= partitions:
+                return
+            time.sleep(0.2)
+        raise TimeoutError("worker did not get its partitions")
+
+    def peak_rss_mb(self) -> float:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        line = next(ln for ln in status.splitlines() if ln.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def worker_throughput(
+    cfg: Config, beats: int, workdir: Path, tag: str, *overrides: str
+) -> tuple[float, float]:
+    """(beats/s, peak RSS MB) of one worker process draining a backlog."""
+    cfg = fresh(cfg, tag, *overrides)
+    ensure_topics(cfg.kafka, cfg.topics)
+    sent = produce_backlog(cfg, beats)
+    worker = WorkerProcess(cfg, workdir, tag)
+    try:
+        rate = count_rate(worker.consumed, sent, 900)
+        return rate, worker.peak_rss_mb()
+    finally:
+        worker.stop()
+
+
+def latency_at(cfg: Config, offered: float, seconds: float, workdir: Path) -> dict:
+    """Latency percentiles (ms) with `offered` beats/s to one worker for `seconds`."""
+    cfg = fresh(cfg, f"lat{int(offered)}")
+    ensure_topics(cfg.kafka, cfg.topics)
+    worker = WorkerProcess(cfg, workdir, f"lat{int(offered)}")
+    try:
+        worker.ready(cfg.kafka.partitions)
+        sent = produce_backlog(cfg, int(offered * seconds), rate=offered)
+        count_rate(worker.consumed, sent, 300)
+    finally:
+        worker.stop()
+    raw = _stamps(cfg, cfg.topics.raw)
+    out = _stamps(cfg, cfg.topics.repaired)
+    lat = np.array([out[k] - raw[k] for k in raw if k in out], float)
+    return {
+        "offered": offered,
+        "beats": int(len(lat)),
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p95_ms": float(np.percentile(lat, 95)),
+        "p99_ms": float(np.percentile(lat, 99)),
+    }
+
+
+def _stamps(cfg: Config, topic: str) -> dict:
+    """(patient, seq) -> Kafka CreateTime (ms) of the first record of each beat."""
+    import orjson
+
+    consumer = make_consumer(cfg.kafka, None)
+    stamps: dict = {}
+    try:
+        assign_all(consumer, topic)
+        idle = time.monotonic()
+        while time.monotonic() - idle < 3:
+            for records in consumer.poll(timeout_ms=300, max_records=5000).values():
+                idle = time.monotonic()
+                for r in records:
+                    m = orjson.loads(r.value)
+                    stamps.setdefault((m["patient_id"], m["seq"]), r.timestamp)
+        return stamps
+    finally:
+        consumer.close()
+
+
+def run_benchmarks(cfg: Config, out: Path, quick: bool = False) -> dict:
+    """Run every benchmark; print a Markdown table; write out/bench.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    scale = 0.1 if quick else 1.0
+    torch.set_num_threads(cfg.model.torch_threads)
+    engine = Engine.load(cfg.model.checkpoint, cfg.model.torch_threads)
+    results: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine(),
+        "model_version": engine.version,
+        "max_batch": cfg.worker.max_batch,
+        "max_wait_ms": cfg.worker.max_wait_ms,
+    }
+    print("1. model-only throughput", flush=True)
+    results["model"] = model_throughput(engine, 0.3 if quick else 2.0)
+    broker = None
+    if not cfg.kafka.bootstrap_servers:
+        broker = EmbeddedBroker().start()
+        cfg = embedded_profile(cfg, broker.bootstrap)
+    try:
+        with tempfile.TemporaryDirectory(prefix="ecg-bench-") as tmp:
+            n = int(20000 * scale)
+            print("2. Kafka pass-through ceiling", flush=True)
+            results["passthrough"] = passthrough_throughput(cfg, max(n, 2000), engine)
+            print("3. full worker", flush=True)
+            rate, rss = worker_throughput(cfg, n, Path(tmp), "full")
+            results["worker"], results["worker_peak_rss_mb"] = rate, rss
+            print("4. naive worker", flush=True)
+            results["naive"], _ = worker_throughput(
+                cfg,
+                max(int(3000 * scale), 300),
+                Path(tmp),
+                "naive",
+                "worker.max_batch=1",
+                "worker.max_wait_ms=0",
+            )
+            print("5. latency at fixed offered loads", flush=True)
+            loads = (250, 1000) if quick else (250, 1000, 2000)
+            results["latency"] = [
+                latency_at(cfg, load, 5 if quick else 20, Path(tmp)) for load in loads
+            ]
+    finally:
+        if broker:
+            broker.stop()
+    table = render(results)
+    print(table)
+    (out / "bench.json").write_text(json.dumps(results, indent=2))
+    (out / "bench.md").write_text(table)
+    return results
+
+
+def machine() -> str:
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return (
+        f"{cpu}; {torch.get_num_threads()} torch threads; Python {platform.python_version()}"
+        f"; torch {torch.__version__}"
+    )
+
+
+def render(r: dict) -> str:
+    """The results as Markdown."""
+    prod = (
+        next(row for row in r["model"] if row["batch"] == r["max_batch"])
+        if any(row["batch"] == r["max_batch"] for row in r["model"])
+        else r["model"][-1]
+    )
+    lines = [
+        f"Date {r['date']}; {r['machine']}; model {r['model_version']}; worker batching "
+        f"max_batch={r['max_batch']}, max_wait_ms={r['max_wait_ms']}",
+        "",
+        "| batch | shipped EcgNet (beats/s) | reference AE + classifier (beats/s) | ratio |",
+        "|---:|---:|---:|---:|",
+    ]
+    for row in r["model"]:
+        lines.append(
+            f"| {row['batch']} | {row['shipped']:,.0f} | {row['reference']:,.0f} | "
+            f"{row['shipped'] / row['reference']:.1f}x |"
+        )
+    lines += [
+        "",
+        "| pipeline | beats/s | note |",
+        "|---|---:|---|",
+        f"| Kafka pass-through (decode + re-publish, no model) | {r['passthrough']:,.0f} "
+        "| ceiling |",
+        f"| full worker, end to end | {r['worker']:,.0f} | "
+        f"{r['worker'] / prod['shipped']:.0%} of model-only at batch {prod['batch']} |",
+        f"| naive worker (one message at a time) | {r['naive']:,.0f} | full worker is "
+        f"{r['worker'] / r['naive']:.1f}x faster |",
+        "",
+        f"Worker peak RSS: {r['worker_peak_rss_mb']:.0f} MB",
+        "",
+        "| offered load (beats/s) | beats | p50 (ms) | p95 (ms) | p99 (ms) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for row in r["latency"]:
+        lines.append(
+            f"| {row['offered']:,.0f} | {row['beats']} | {row['p50_ms']:.1f} | "
+            f"{row['p95_ms']:.1f} | {row['p99_ms']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    run_benchmarks(load_config(), Path("reports/bench"))
