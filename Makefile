@@ -37,7 +37,7 @@ train-intra: install
 	$(BIN)/ecg-stream train --split intra --output models/weights/ecgnet-intra.pt
 
 train-ecg5000: install
-	$(BIN)/ecg-stream train --ecg5000 --output models/weights/ecg5000-ae.pt
+	$(BIN)/ecg-stream train --ecg5000 --set train.threads=1 --output models/weights/ecg5000-ae.pt
 
 evaluate: install
 	$(BIN)/ecg-stream evaluate --out reports/evaluation

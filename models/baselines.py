@@ -37,14 +37,21 @@ def linear_fill(beats: np.ndarray, missing: np.ndarray) -> np.ndarray:
 
 
 def spline_fill(beats: np.ndarray, missing: np.ndarray) -> np.ndarray:
-    """Natural cubic spline through the observed samples (overshoots on long gaps)."""
+    """Natural cubic spline through the observed samples (overshoots on long gaps).
+
+    Gaps before the first or after the last observed sample are held flat, as in
+    `linear_fill`: a cubic extrapolated past the data diverges and measures nothing.
+    """
     out = linear_fill(beats, missing)
     positions = np.arange(beats.shape[1])
     for i in np.flatnonzero(missing.any(1)):
         obs = ~missing[i]
         if obs.sum() >= 4:
-            spline = CubicSpline(positions[obs], beats[i, obs], bc_type="natural")
-            out[i, missing[i]] = spline(positions[missing[i]])
+            spline = CubicSpline(
+                positions[obs], beats[i, obs], bc_type="natural", extrapolate=False
+            )
+            values = spline(positions[missing[i]])
+            out[i, missing[i]] = np.where(np.isnan(values), out[i, missing[i]], values)
     return out
 
 

@@ -53,7 +53,8 @@ def _reference_block(rng, length: int, width: int):
 CONDITIONS = {
     "clean": ("no missing samples", _no_mask),
     "block": (
-        "reference block, samples 100-137 (beats whose signal reaches sample 100)",
+        "reference block, samples 100-137 of every beat (beats whose signal reaches sample 100 "
+        "count); the running template never observes them, so it equals zero fill there",
         _reference_block,
     ),
     "gap": ("one random contiguous gap of 5-40% of the signal", contiguous_gap),

@@ -48,9 +48,10 @@ def plot_repairs(path, original, missing, recovered, lengths, titles, cols: int 
     ):
         x = np.arange(int(n))
         _shade_gaps(ax, miss[:n])
-        ax.plot(x, beat[:n], color="green", lw=1.4, label="Original")
-        ax.plot(x, np.where(miss[:n], np.nan, beat[:n]), "r--", lw=1.2, label="Masked input")
+        ax.plot(x, beat[:n], color="green", lw=1.6, label="Original")
         ax.plot(x, rec[:n], color="blue", lw=1.0, label="Recovered")
+        masked = np.where(miss[:n], np.nan, beat[:n])  # NaN: the gaps show as breaks
+        ax.plot(x, masked, "r--", lw=1.0, label="Masked input", zorder=3)
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=7)
     axes.flat[0].legend(fontsize=7, loc="upper right")

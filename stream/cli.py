@@ -204,7 +204,9 @@ def cmd_train(cfg, args):
         directory = resolve_data_dirs(cfg).ecg5000_dir
         if not directory:
             raise ConfigError("data.ecg5000_dir is empty (set ECG5000_DIR or ECG_DATA_DIR)")
-        net, meta = train_ecg5000(Path(directory), progress=not args.quiet)
+        net, meta = train_ecg5000(
+            Path(directory), threads=cfg.train.threads, progress=not args.quiet
+        )
         out = Path(args.output or "models/weights/ecg5000-ae.pt")
         save_checkpoint(out, net, meta)
     else:

@@ -20,6 +20,7 @@ SCHEMA_VERSION = 1
 BEAT_FS = 125
 MAX_SAMPLES = 187
 MAX_ABS_SAMPLE = 100.0  # beats are scaled to [0, 1]; anything beyond this is corrupt
+SAMPLE_DECIMALS = 5  # 11-bit ADC data scaled to [0, 1]: 5 decimals lose nothing measurable
 PATIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 REQUIRED = ("schema_version", "patient_id", "seq", "timestamp", "fs", "samples")
 
@@ -71,6 +72,10 @@ class RawBeat:
 def _require(cond: bool, reason: str, detail: str) -> None:
     if not cond:
         raise InvalidMessage(reason, detail)
+
+
+def _is_none(v) -> bool:
+    return v is None
 
 
 def _is_number(v) -> bool:
@@ -148,13 +153,16 @@ def decode_raw(value: bytes | None, key: bytes | None, max_bytes: int) -> RawBea
     return RawBeat(patient, seq, float(timestamp), sent_at, samples, missing, values)
 
 
+SAMPLE_TYPES = frozenset({float, int, type(None)})  # exact types: bool is not a sample
+
+
 def _samples(values: list) -> tuple[np.ndarray, np.ndarray]:
-    missing = np.fromiter((v is None for v in values), bool, len(values))
+    _require(
+        SAMPLE_TYPES.issuperset(map(type, values)), "wrong_type", "samples must be numbers or null"
+    )
+    missing = np.fromiter(map(_is_none, values), bool, len(values))
     _require(not missing.all(), "all_samples_missing", "every sample is null")
-    present = [v for v in values if v is not None]
-    _require(all(_is_number(v) for v in present), "wrong_type", "samples must be numbers or null")
-    arr = np.zeros(len(values))
-    arr[~missing] = present
+    arr = np.array([0.0 if v is None else v for v in values], dtype=np.float64)
     _require(bool(np.isfinite(arr).all()), "non_finite_sample", "a sample is NaN or infinite")
     _require(
         bool((np.abs(arr) <= MAX_ABS_SAMPLE).all()),
@@ -182,7 +190,8 @@ def raw_beat(
     source: dict | None = None,
 ) -> dict:
     """A raw-beat message: samples with the missing ones as null."""
-    values = [None if m else float(v) for v, m in zip(samples, missing)]
+    rounded = np.round(np.asarray(samples, np.float64), SAMPLE_DECIMALS).tolist()
+    values = [None if m else v for v, m in zip(rounded, missing)]
     msg = {
         "schema_version": SCHEMA_VERSION,
         "patient_id": patient_id,
@@ -215,7 +224,7 @@ def truth_beat(
         "seq": int(seq),
         "timestamp": float(timestamp),
         "fs": BEAT_FS,
-        "samples": [float(v) for v in samples],
+        "samples": np.round(np.asarray(samples, np.float64), SAMPLE_DECIMALS).tolist(),
         "missing_mask": [int(m) for m in missing],
         "label": label,
         "lost": bool(lost),

@@ -23,6 +23,9 @@ from stream.messages import InvalidMessage, RawBeat
 from stream.metrics import WorkerMetrics
 from stream.state import PatientRegistry, pad
 
+STATUSES = ("complete", "repaired", "unrecoverable")
+ALERT_TYPES = ("anomaly", "arrhythmia", "unrecoverable", "lost_beats")
+IMPUTED_DECIMALS = 5  # an estimate: more digits would only suggest precision it lacks
 DEFAULT_CHECKPOINT = Path(models.__file__).parent / "weights" / "ecgnet-ds1.pt"
 
 
@@ -76,13 +79,18 @@ class Processor:
         self.worker_id = worker_id
         self.registry = PatientRegistry(BEAT_LEN, cfg.worker.template_beats)
         metrics.model_info.labels(engine.version, f"{engine.threshold:.6g}").set(1)
+        # Labelled children resolved once: labels() costs more than inc() on the hot path.
+        self.produced = {s: metrics.produced.labels(s) for s in STATUSES}
+        self.classified = {c: metrics.classified.labels(c) for c in AAMI_CLASSES}
+        self.anomalies = {c: metrics.anomalies.labels(c) for c in AAMI_CLASSES}
+        self.alerts = {k: metrics.alerts.labels(k) for k in ALERT_TYPES}
 
     def process(self, records) -> Output:
         """Process consumer records (topic, partition, offset, key, value) in order."""
         out = Output()
         accepted: list[_Accepted] = []
+        self.metrics.consumed.inc(len(records))
         for rec in records:
-            self.metrics.consumed.inc()
             key = (rec.topic, rec.partition)
             out.offsets[key] = max(out.offsets.get(key, 0), rec.offset + 1)
             try:
@@ -181,24 +189,24 @@ class Processor:
             body.update(self._repaired_fields(beat, result, row, alerts))
         body["status"] = status
         body["processed_at"] = time.time()
-        m.produced.labels(status).inc()
+        self.produced[status].inc()
         return (self.cfg.topics.repaired, beat.patient_id.encode(), messages.dumps(body))
 
     def _repaired_fields(self, beat: RawBeat, result, row: int, alerts: list) -> dict:
         n = len(beat.samples)
         filled = result.samples[row, :n]
-        samples = [
-            float(filled[i]) if miss else v
-            for i, (v, miss) in enumerate(zip(beat.raw_values, beat.missing))
-        ]
-        self.metrics.samples_imputed.inc(int(beat.missing.sum()))
+        samples = list(beat.raw_values)  # observed values exactly as received
+        gaps = np.flatnonzero(beat.missing)
+        for i, value in zip(gaps.tolist(), np.round(filled[gaps], IMPUTED_DECIMALS).tolist()):
+            samples[i] = value
+        self.metrics.samples_imputed.inc(len(gaps))
         probs = result.probabilities[row]
         label = AAMI_CLASSES[int(probs.argmax())]
         score = float(result.anomaly_score[row])
         flag = score > self.engine.threshold
-        self.metrics.classified.labels(label).inc()
+        self.classified[label].inc()
         if flag:
-            self.metrics.anomalies.labels(label).inc()
+            self.anomalies[label].inc()
             alerts.append(
                 (
                     "anomaly",
@@ -220,7 +228,7 @@ class Processor:
         }
 
     def _alert(self, out: Output, kind: str, beat: RawBeat, detail: dict) -> None:
-        self.metrics.alerts.labels(kind).inc()
+        self.alerts[kind].inc()
         msg = messages.alert(
             kind, "warning", beat.patient_id, beat.seq, beat.timestamp, detail, self.engine.version
         )

@@ -33,6 +33,8 @@ from stream.processor import Engine, Output, Processor
 
 log = logging.getLogger(__name__)
 BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+ACK_WAIT_S = 5.0  # no acknowledgement for this long: a failed produce (the records stay in flight)
+HEALTH_CHECK_S = 1.0  # how often an idle or polling worker checks its broker connections
 
 
 class OffsetWentBackwards(RuntimeError):
@@ -65,6 +67,8 @@ class Worker:
         self.pending: list = []
         self.committed: dict[tuple[str, int], int] = {}
         self.batches = 0
+        self.health_at = 0.0
+        self.disconnected_since: float | None = None
         self.consumer.subscribe([cfg.topics.raw], listener=_Rebalance(self))
 
     # ------------------------------------------------------------------ main loop
@@ -104,8 +108,10 @@ class Worker:
                 self.pending.extend(records)
             if not self.pending:
                 self.update_lag()
+                self.check_connection()
                 return
         self.update_lag()
+        self.check_connection()
 
     def finish_batch(self) -> None:
         """Process, publish and commit the pending records (called from the rebalance hook too)."""
@@ -125,36 +131,46 @@ class Worker:
     # ------------------------------------------------------------------ publish / commit
 
     def publish(self, output: Output) -> bool:
-        """Send every message and flush; retry what failed until it is all acknowledged."""
-        todo = output.messages
+        """Send every message and flush; re-send what failed until it is all acknowledged.
+
+        The producer keeps retrying on its own while the broker is away, so records still in
+        flight are waited for, never sent a second time. Every ACK_WAIT_S without all the
+        acknowledgements counts as a failed produce, so an outage shows in the metrics while
+        the worker waits here.
+        """
+        todo, in_flight = output.messages, []
         attempt = 0
-        while todo:
-            futures = []
-            for topic, key, value in todo:
-                try:
-                    futures.append(
-                        ((topic, key, value), self.producer.send(topic, key=key, value=value))
-                    )
-                except KafkaTimeoutError as exc:
-                    futures.append(((topic, key, value), exc))
-            # On a timeout, the futures below say which records to resend.
+        while todo or in_flight:
+            in_flight += [(msg, self._send(*msg)) for msg in todo]
             with contextlib.suppress(KafkaTimeoutError):
-                self.producer.flush(timeout=self.cfg.kafka.request_timeout_ms / 1000)
-            todo = [msg for msg, fut in futures if not _succeeded(fut)]
-            if not todo:
+                self.producer.flush(timeout=ACK_WAIT_S)
+            todo = [msg for msg, fut in in_flight if _done(fut) and not _confirmed(fut)]
+            in_flight = [(msg, fut) for msg, fut in in_flight if not _done(fut)]
+            if not todo and not in_flight:
                 self.metrics.kafka.ok()
                 return True
             self.metrics.kafka.failed("produce")
             if self._stopping_hard(attempt):
                 log.error(
-                    "stopping with %d unpublished outputs; the batch will be replayed", len(todo)
+                    "stopping with %d unpublished outputs; the batch will be replayed",
+                    len(todo) + len(in_flight),
                 )
                 return False
-            delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
-            log.warning("publish failed for %d messages; retrying in %.2f s", len(todo), delay)
-            time.sleep(delay)
+            if todo:
+                delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+                log.warning("publish failed for %d messages; retrying in %.2f s", len(todo), delay)
+                time.sleep(delay)
+            else:
+                log.warning("%d messages not acknowledged yet; waiting", len(in_flight))
             attempt += 1
         return True
+
+    def _send(self, topic: str, key: bytes | None, value: bytes):
+        """producer.send(), or the KafkaTimeoutError it raised (resent on the next round)."""
+        try:
+            return self.producer.send(topic, key=key, value=value)
+        except KafkaTimeoutError as exc:
+            return exc
 
     def commit(self, offsets: dict[tuple[str, int], int]) -> None:
         """Commit the next offsets to read, refusing to move any offset backwards."""
@@ -222,6 +238,32 @@ class Worker:
         except KafkaError:
             pass  # positions are unknown while (re)joining; the next batch updates them
 
+    def check_connection(self) -> None:
+        """Report broker connectivity while consuming (at most once per HEALTH_CHECK_S).
+
+        An empty poll looks the same whether the topic is idle or the broker is gone: the
+        consumer's own connection count tells them apart. Without this, a worker with nothing
+        to publish would show ecg_kafka_connected 1 through a whole outage (and 0 while idle
+        before its first publish).
+        """
+        now = time.monotonic()
+        if now < self.health_at:
+            return
+        self.health_at = now + HEALTH_CHECK_S
+        connections = self.consumer.metrics().get("consumer-metrics", {}).get("connection-count")
+        if connections is None:
+            return  # this client version does not report it
+        if connections > 0:
+            self.metrics.kafka.ok()
+            if self.disconnected_since is not None:
+                log.warning("Kafka reachable again after %.1f s", now - self.disconnected_since)
+                self.disconnected_since = None
+            return
+        self.metrics.kafka.failed("consume")
+        if self.disconnected_since is None:
+            self.disconnected_since = now
+            log.warning("no connection to Kafka; consuming paused, retrying with backoff")
+
     def close(self) -> None:
         """Finish what is pending, then leave the group and close the clients."""
         if self.pending:
@@ -233,10 +275,18 @@ class Worker:
         log.info("worker %s stopped after %d batches", self.worker_id, self.batches)
 
 
-def _succeeded(future) -> bool:
-    if isinstance(future, Exception):
+def _done(future) -> bool:
+    return isinstance(future, Exception) or future.is_done
+
+
+def _confirmed(future) -> bool:
+    """Acknowledged with an offset. A broker that lost an in-flight batch in a crash may
+    answer its retry with DUPLICATE_SEQUENCE_NUMBER, which kafka-python reports as success
+    with offset -1: the embedded broker does this after a restart although the batch is
+    gone. Such records are sent again (a possible duplicate, never a loss)."""
+    if isinstance(future, Exception) or not future.succeeded():
         return False
-    return future.is_done and future.succeeded()
+    return future.value.offset >= 0
 
 
 class _Rebalance(ConsumerRebalanceListener):
