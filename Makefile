@@ -28,16 +28,18 @@ lint: install
 test: lint
 	$(BIN)/python -m pytest
 
+# The three trainings are independent: `make -j3 train` runs them side by side.
 train: train-inter train-intra train-ecg5000
 
 train-inter: install
 	$(BIN)/ecg-stream train --split inter --output models/weights/ecgnet-ds1.pt
 
 train-intra: install
-	$(BIN)/ecg-stream train --split intra --output models/weights/ecgnet-intra.pt
+	$(BIN)/ecg-stream train --split intra --epochs 10 --set train.beats_per_epoch=40000 \
+		--output models/weights/ecgnet-intra.pt
 
 train-ecg5000: install
-	$(BIN)/ecg-stream train --ecg5000 --set train.threads=1 --output models/weights/ecg5000-ae.pt
+	$(BIN)/ecg-stream train --ecg5000 --output models/weights/ecg5000-ae.pt
 
 evaluate: install
 	$(BIN)/ecg-stream evaluate --out reports/evaluation

@@ -56,8 +56,10 @@ def spline_fill(beats: np.ndarray, missing: np.ndarray) -> np.ndarray:
 
 
 def template_fill(beats: np.ndarray, missing: np.ndarray, template: np.ndarray) -> np.ndarray:
-    """Missing samples taken from the patient's template (mean of recent beats)."""
-    return np.where(missing, template, beats).astype(np.float32)
+    """Missing samples taken from the patient's template (mean of recent beats); where the
+    template has no data (NaN) they are linearly interpolated instead."""
+    known = np.where(np.isnan(template), linear_fill(beats, missing), template)
+    return np.where(missing, known, beats).astype(np.float32)
 
 
 def running_templates(
@@ -66,8 +68,9 @@ def running_templates(
     """Per-patient template of each beat from that patient's previous k beats only.
 
     Sample-wise mean of the *observed* values of the previous k beats in the same group
-    (beats must be in time order within a group); 0 where none was observed. This is
-    exactly what `TemplateTracker` computes in the stream.
+    (beats must be in time order within a group); NaN where none of them observed the sample
+    (always for a patient's first beat). This is exactly what `TemplateTracker` computes in
+    the stream.
     """
     out = np.zeros_like(beats, dtype=np.float32)
     observed = (~missing).astype(np.float64)
@@ -79,7 +82,7 @@ def running_templates(
         hi = np.arange(len(idx))
         lo = np.maximum(hi - k, 0)
         total, count = csum[hi] - csum[lo], ccnt[hi] - ccnt[lo]
-        out[idx] = np.where(count > 0, total / np.maximum(count, 1), 0.0)
+        out[idx] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
     return out
 
 
@@ -95,8 +98,8 @@ class TemplateTracker:
         self.seen = 0
 
     def template(self) -> np.ndarray:
-        """The template for the next beat (mean of observed values, 0 where none)."""
-        return np.where(self.count > 0, self.total / np.maximum(self.count, 1), 0.0).astype(
+        """The template for the next beat (mean of observed values, NaN where none)."""
+        return np.where(self.count > 0, self.total / np.maximum(self.count, 1), np.nan).astype(
             np.float32
         )
 

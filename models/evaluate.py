@@ -54,7 +54,7 @@ CONDITIONS = {
     "clean": ("no missing samples", _no_mask),
     "block": (
         "reference block, samples 100-137 of every beat (beats whose signal reaches sample 100 "
-        "count); the running template never observes them, so it equals zero fill there",
+        "count); the running template never observes them, so it falls back to linear there",
         _reference_block,
     ),
     "gap": ("one random contiguous gap of 5-40% of the signal", contiguous_gap),

@@ -2,8 +2,8 @@
 
 EcgNet is a mask-aware LSTM autoencoder with one shared encoder and three heads:
 
-    input per sample: observed value (0 if missing), observed flag, patient template,
-                      linear interpolation of the gaps
+    input per sample: observed value (0 if missing), observed flag, patient template (0 where
+                      unknown), template-known flag, linear interpolation of the gaps
     -> frames of `patch` samples -> bidirectional LSTM encoder   (shared)
        -> gap head:     per-frame Linear, a correction to the linear interpolation
        -> class head:   mean+max pooled states -> MLP -> 5 AAMI logits
@@ -41,7 +41,7 @@ class NetConfig:
         return -(-self.beat_len // self.patch)
 
 
-INPUT_CHANNELS = 4
+INPUT_CHANNELS = 5
 
 
 class EcgNet(nn.Module):
@@ -61,11 +61,16 @@ class EcgNet(nn.Module):
         self.recon_head = nn.Linear(h, c.patch)
 
     def forward(self, observed, missing, template, linear):
-        """All inputs (B, L) float tensors (missing as 0/1). Returns fill, logits, recon."""
+        """All inputs (B, L) float tensors (missing as 0/1; template NaN where the patient's
+        recent beats never observed the sample). Returns fill, logits, recon."""
         c = self.config
         b, width = observed.shape
         pad = c.frames * c.patch - width
-        x = torch.stack([observed, 1.0 - missing, template, linear], dim=-1)
+        known = ~torch.isnan(template)
+        x = torch.stack(
+            [observed, 1.0 - missing, torch.where(known, template, 0.0), known.float(), linear],
+            dim=-1,
+        )
         x = nn.functional.pad(x, (0, 0, 0, pad))
         frames = x.reshape(b, c.frames, INPUT_CHANNELS * c.patch)
         states, _ = self.encoder(frames)

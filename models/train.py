@@ -63,9 +63,30 @@ def model_inputs(beats: D.Beats, missing: np.ndarray, template: np.ndarray):
     ]
 
 
+PERSISTENT_BLOCK = 0.10  # share of records losing samples 100-137 in every beat
+PERSISTENT_GAP = 0.05  # share of records losing the same random stretch in every beat
+
+
 def epoch_masks(rng, beats: D.Beats):
-    """Fresh training masks and the templates they imply."""
+    """Fresh training masks and the templates they imply.
+
+    Some records lose the same samples in every beat (the reference block, or a fixed stretch,
+    as a saturating amplifier would), so the patient template has no data there either and
+    the network learns what an unknown template means.
+    """
     missing = mask_batch(training_mask, rng, beats.length, D.BEAT_LEN)
+    for record in np.unique(beats.record):
+        draw = rng.random()
+        if draw >= PERSISTENT_BLOCK + PERSISTENT_GAP:
+            continue
+        rows = np.flatnonzero(beats.record == record)
+        if draw < PERSISTENT_BLOCK:
+            start, stop = 100, 138
+        else:
+            start = int(rng.integers(0, 120))
+            stop = start + int(rng.integers(10, 60))
+        missing[rows, start:stop] = True
+        missing[rows] &= signal_mask(beats.length[rows], D.BEAT_LEN)
     template = running_templates(beats.samples, missing, beats.record)
     return missing, template
 
@@ -240,7 +261,7 @@ def train_ecg5000(
 def ecg5000_reconstruct(net: EcgNet, beats: torch.Tensor) -> torch.Tensor:
     """Bottleneck reconstruction of complete beats (no gaps, no template)."""
     zeros = torch.zeros_like(beats)
-    return net(beats, zeros, zeros, beats)[2]
+    return net(beats, zeros, torch.full_like(beats, float("nan")), beats)[2]
 
 
 @torch.inference_mode()
