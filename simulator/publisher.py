@@ -4,6 +4,11 @@ kafka-python's producer keeps retrying sends in order (idempotent, acks=all) for
 `delivery_timeout_ms`. Around it, a bounded queue holds beats the producer could not even
 accept (buffer full, broker unreachable); they are re-sent in order when it recovers. Only when
 that queue is full is the oldest beat dropped, counted and logged.
+
+While the broker is down the producer still accepts records into its own buffer and fails
+nothing until the delivery timeout, so an outage is detected as "records in flight and no
+acknowledgement for ACK_STALL_S": it is then reported (metrics, log) and new beats wait in the
+bounded queue instead of the producer's buffer.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from kafka.errors import KafkaError, KafkaTimeoutError
 from stream.metrics import SimulatorMetrics
 
 log = logging.getLogger(__name__)
+ACK_STALL_S = 5.0  # records in flight and no acknowledgement for this long: broker unreachable
 
 
 class BufferedPublisher:
@@ -35,6 +41,7 @@ class BufferedPublisher:
         self.lock = threading.Lock()
         self.outage_since: float | None = None
         self.retry_at = 0.0
+        self.last_progress = time.monotonic()  # last acknowledgement, or first send in flight
 
     def send(self, topic: str, key: bytes, value: bytes, counted: bool = True) -> None:
         """Queue a record and try to hand queued records to the producer."""
@@ -55,7 +62,12 @@ class BufferedPublisher:
             while self.failed:
                 self.waiting.appendleft(self.failed.pop())
                 self.metrics.retried.inc()
-        if time.monotonic() < self.retry_at:
+        now = time.monotonic()
+        if now < self.retry_at:
+            self._update_gauge()
+            return
+        if self.in_flight and now - self.last_progress > ACK_STALL_S:
+            self._outage(f"no acknowledgement for {now - self.last_progress:.0f} s")
             self._update_gauge()
             return
         while self.waiting:
@@ -67,8 +79,10 @@ class BufferedPublisher:
                 break
             self.waiting.popleft()
             with self.lock:
+                if not self.in_flight:
+                    self.last_progress = time.monotonic()
                 self.in_flight += 1
-            future.add_callback(self._on_ack, counted)
+            future.add_callback(self._on_ack, (topic, key, value, counted))
             future.add_errback(self._on_error, (topic, key, value, counted))
         self._update_gauge()
 
@@ -79,10 +93,21 @@ class BufferedPublisher:
             log.warning("Kafka unavailable (%s); buffering beats, retrying with backoff", why)
         self.retry_at = time.monotonic() + 1.0
 
-    def _on_ack(self, counted: bool, _metadata) -> None:
+    def _on_ack(self, record, metadata) -> None:
+        if metadata.offset < 0:
+            # DUPLICATE_SEQUENCE_NUMBER, which kafka-python reports as success without an
+            # offset: the embedded broker answers a retry this way after a crash although the
+            # batch is lost. Not trusted: sent again (a possible duplicate, never a loss).
+            log.warning("a beat was acknowledged without an offset; sending it again")
+            with self.lock:
+                self.in_flight -= 1
+                self.failed.append(record)
+            return
+        counted = record[3]
         with self.lock:
             self.in_flight -= 1
             self.acked += counted
+            self.last_progress = time.monotonic()
         if counted:
             self.metrics.acked.inc()
         self.metrics.kafka.ok()

@@ -9,9 +9,9 @@ One loop iteration is one micro-batch:
 4. commit the batch's offsets (at-least-once: a crash before this replays the batch, so
    subscribers de-duplicate by (patient_id, seq)).
 
-On a rebalance the pending batch is finished and committed before the partitions are given
-up, and the revoked partitions' patient state is dropped. SIGTERM/SIGINT end the loop after
-the current batch.
+On a rebalance the revoked partitions' records that were polled but not yet processed are
+dropped (neither published nor committed: their next owner reads them again from the last
+commit), and so is their patient state. SIGTERM/SIGINT end the loop after the current batch.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from stream.processor import Engine, Output, Processor
 
 log = logging.getLogger(__name__)
 BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
-ACK_WAIT_S = 5.0  # no acknowledgement for this long: a failed produce (the records stay in flight)
+ACK_WAIT_S = 5.0  # no acknowledgement for this long: a failed produce or commit (then retried)
 HEALTH_CHECK_S = 1.0  # how often an idle or polling worker checks its broker connections
 
 
@@ -114,7 +114,7 @@ class Worker:
         self.check_connection()
 
     def finish_batch(self) -> None:
-        """Process, publish and commit the pending records (called from the rebalance hook too)."""
+        """Process, publish and commit the pending records."""
         batch, self.pending = self.pending, []
         started = time.perf_counter()
         batch.sort(key=lambda r: (r.partition, r.offset))
@@ -139,7 +139,7 @@ class Worker:
         the worker waits here.
         """
         todo, in_flight = output.messages, []
-        attempt = 0
+        attempt = resends = 0
         while todo or in_flight:
             in_flight += [(msg, self._send(*msg)) for msg in todo]
             with contextlib.suppress(KafkaTimeoutError):
@@ -157,9 +157,10 @@ class Worker:
                 )
                 return False
             if todo:
-                delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+                delay = BACKOFF_S[min(resends, len(BACKOFF_S) - 1)]
                 log.warning("publish failed for %d messages; retrying in %.2f s", len(todo), delay)
                 time.sleep(delay)
+                resends += 1
             else:
                 log.warning("%d messages not acknowledged yet; waiting", len(in_flight))
             attempt += 1
@@ -183,7 +184,8 @@ class Worker:
         attempt = 0
         while to_commit:
             try:
-                self.consumer.commit(offsets=to_commit)
+                # Bounded, so that an outage is reported (and a stop honoured) while retrying.
+                self.consumer.commit(offsets=to_commit, timeout_ms=int(ACK_WAIT_S * 1000))
             except CommitFailedError as exc:
                 # The group rebalanced: these partitions now belong to someone else, who
                 # will replay from the last commit (duplicates, never loss).
@@ -213,8 +215,23 @@ class Worker:
     # ------------------------------------------------------------------ rebalance / lag
 
     def on_revoked(self, partitions) -> None:
-        if self.pending:
-            self.finish_batch()
+        # Called inside poll(), which kafka-python 3 runs on its IO thread: a blocking call
+        # such as commit() raises there, and the error ends poll() and the worker. So records
+        # polled but not processed yet are not finished here: they are dropped (nothing of
+        # them was published or committed) and the consumer is rewound to the first of them,
+        # because kafka-python keeps a partition's position if it comes back to this worker.
+        revoked = set(partitions)
+        first: dict[TopicPartition, int] = {}
+        for r in self.pending:
+            tp = TopicPartition(r.topic, r.partition)
+            if tp in revoked:
+                first[tp] = min(first.get(tp, r.offset), r.offset)
+        self.pending = [
+            r for r in self.pending if TopicPartition(r.topic, r.partition) not in revoked
+        ]
+        for tp, offset in first.items():
+            with contextlib.suppress(ValueError):  # no longer assigned: nothing to rewind
+                self.consumer.seek(tp, offset)
         numbers = [tp.partition for tp in partitions]
         resets = self.processor.registry.drop_partitions(numbers)
         self.metrics.state_resets.inc(resets)

@@ -122,6 +122,9 @@ def unique_topics_config(broker, data_dir: Path | None, *overrides: str) -> Conf
     tag = uuid.uuid4().hex[:8]
     base = [f"topics.{k}=t{tag}.{k}" for k in ("raw", "truth", "repaired", "alerts", "dlq")]
     base += [f"worker.group_id=workers-{tag}", f"evaluator.group_id=eval-{tag}", "metrics.port=0"]
+    # Several workers share two cores in the tests: one torch thread each avoids
+    # oversubscription (measured: 2 threads each ran ~10x slower on a busy machine).
+    base.append("model.torch_threads=1")
     if data_dir:
         base.append(f"data.mitdb_dir={data_dir}")
     if not broker.embedded:  # real Kafka refuses sessions under 6 s

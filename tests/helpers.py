@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -104,3 +105,157 @@ def scrape(port: int) -> dict[str, float]:
 def metric_sum(samples: dict[str, float], name: str) -> float:
     """Sum of a metric over all its label sets."""
     return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
+
+
+# --------------------------------------------------------------------------- fault tests
+
+
+def start_worker(
+    cfg: Config, tmp_path: Path, name: str, *sets: str, env: dict | None = None
+) -> tuple[subprocess.Popen, int]:
+    """One `ecg-stream worker` process named `name` (worker_id, log file), with its own
+    metrics port. Returns (process, metrics port)."""
+    from stream.broker import free_port
+
+    port = free_port()
+    path = write_config(cfg, tmp_path / f"{name}.yaml")
+    args = ["worker", "--metrics-port", str(port), "--set", f"worker.worker_id={name}"]
+    for s in sets:
+        args += ["--set", s]
+    return start_process(args, path, tmp_path / f"{name}.log", env=env), port
+
+
+def wait_for_metrics(port: int, proc=None, timeout_s: float = 90.0) -> dict[str, float]:
+    """Block until 127.0.0.1:port/metrics answers (failing early if `proc` exits)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process {proc.pid} exited with {proc.returncode}")
+        try:
+            return scrape(port)
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"metrics on port {port} never came up")
+
+
+def try_scrape(port: int) -> dict[str, float] | None:
+    """scrape(), or None when the endpoint does not answer."""
+    try:
+        return scrape(port)
+    except OSError:
+        return None
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (VmRSS from /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def beat_key(msg: dict) -> tuple[str, int] | None:
+    """(patient_id, seq) of a raw or repaired beat; for a dead letter, of the beat inside its
+    payload (None when the payload is not a beat)."""
+    if "payload_b64" in msg:
+        import base64
+
+        try:
+            msg = orjson.loads(base64.b64decode(msg["payload_b64"]))
+        except (ValueError, TypeError):
+            return None
+        if not isinstance(msg, dict):
+            return None
+    if "patient_id" not in msg or "seq" not in msg:
+        return None
+    return (msg["patient_id"], msg["seq"])
+
+
+class TopicFollower:
+    """Reads topics from the beginning and keeps following them, counting the beats seen
+    per (patient_id, seq). Never trusts end offsets: it counts what it consumed."""
+
+    def __init__(self, cfg: Config, *topics: str):
+        from collections import Counter
+
+        from kafka import TopicPartition
+
+        self.counts: Counter = Counter()
+        self.messages = 0
+        self.bytes = 0
+        self.last_new = time.monotonic()
+        self.consumer = make_consumer(cfg.kafka, None)
+        parts = []
+        for topic in topics:
+            for p in sorted(self.consumer.partitions_for_topic(topic) or ()):
+                parts.append(TopicPartition(topic, p))
+        self.consumer.assign(parts)
+        self.consumer.seek_to_beginning()
+
+    def poll(self, timeout_ms: int = 300) -> int:
+        new = 0
+        for recs in self.consumer.poll(timeout_ms=timeout_ms, max_records=5000).values():
+            for r in recs:
+                self.bytes += len(r.value)
+                key = beat_key(orjson.loads(r.value))
+                if key is not None:
+                    self.counts[key] += 1
+                new += 1
+        self.messages += new
+        if new:
+            self.last_new = time.monotonic()
+        return new
+
+    def follow(self, until, timeout_s: float, idle_s: float = 0.0) -> bool:
+        """Poll until until(self) is true (then until nothing new came for idle_s), or
+        timeout_s passed. Returns whether until() became true."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.poll()
+            if until(self):
+                while time.monotonic() < deadline and time.monotonic() - self.last_new < idle_s:
+                    self.poll()
+                return True
+        return until(self)
+
+    def keys(self) -> set:
+        return set(self.counts)
+
+    def duplicates(self) -> int:
+        """Beats seen more than once (each extra copy counts)."""
+        return sum(n - 1 for n in self.counts.values())
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def start_workers(cfg: Config, tmp_path: Path, n: int, first: int = 0):
+    """n worker processes named w{first}..; returns [(process, metrics port)]."""
+    return [start_worker(cfg, tmp_path, f"w{i}") for i in range(first, first + n)]
+
+
+def stop_workers(procs) -> None:
+    """SIGTERM every worker, then wait (kill what does not stop)."""
+    for proc, _ in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc, _ in procs:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def wait_for_stable_group(partitions: int, ports, timeout_s: float = 90.0) -> None:
+    """Until every worker owns partitions and together they own each partition once.
+
+    Needed before a SIGTERM: the embedded broker never finishes a rebalance whose leader
+    left mid-way (see DESIGN.md section 6)."""
+    deadline = time.monotonic() + timeout_s
+    owned: list = []
+    while time.monotonic() < deadline:
+        owned = [metric_sum(try_scrape(port) or {}, "ecg_assigned_partitions") for port in ports]
+        if all(owned) and sum(owned) == partitions:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"the group did not settle in {timeout_s} s: {owned}")

@@ -14,55 +14,26 @@ import numpy as np
 import pytest
 
 from simulator.run import simulate
-from stream.broker import free_port
 from stream.evaluator import LiveEvaluator
 from stream.kafka import ensure_topics, make_producer
 from stream.metrics import SimulatorMetrics
 from stream.tail import tail
-from tests.helpers import decode, metric_sum, read_topic, scrape, start_process, write_config
+from tests.helpers import (
+    decode,
+    metric_sum,
+    read_topic,
+    scrape,
+    start_workers,
+    stop_workers,
+    wait_for_metrics,
+    wait_for_stable_group,
+)
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "stream" / "schemas"
 
 
 def schema(name: str) -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(json.loads((SCHEMAS / f"{name}.v1.json").read_text()))
-
-
-def start_workers(cfg, tmp_path: Path, n: int, first: int = 0):
-    """n `ecg-stream worker` processes, each with its own metrics port."""
-    procs = []
-    for i in range(first, first + n):
-        port = free_port()
-        path = write_config(cfg, tmp_path / f"worker{i}.yaml")
-        proc = start_process(
-            ["worker", "--metrics-port", str(port), "--set", f"worker.worker_id=w{i}"],
-            path,
-            tmp_path / f"worker{i}.log",
-        )
-        procs.append((proc, port))
-    return procs
-
-
-def stop_workers(procs) -> None:
-    for proc, _ in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc, _ in procs:
-        try:
-            proc.wait(timeout=20)
-        except Exception:
-            proc.kill()
-
-
-def wait_for_metrics(port: int, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            scrape(port)
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError(f"worker metrics on {port} never came up")
 
 
 def run_simulator(cfg):
@@ -201,7 +172,9 @@ def test_rebalance_third_joins_one_leaves(pipeline_config, checkpoint, tmp_path,
         thread.start()
         time.sleep(3)
         procs += start_workers(cfg, tmp_path, 1, first=2)  # a third worker joins
-        time.sleep(4)
+        wait_for_metrics(procs[2][1])
+        wait_for_stable_group(cfg.kafka.partitions, [port for _, port in procs])
+        time.sleep(1)
         first, _ = procs[0]
         first.send_signal(signal.SIGTERM)  # one leaves mid-stream
         assert first.wait(timeout=15) == 0
@@ -219,7 +192,7 @@ def test_rebalance_third_joins_one_leaves(pipeline_config, checkpoint, tmp_path,
     assert raw == set(keys), f"lost: {len(raw - set(keys))}"
     workers = {m["worker_id"] for m in repaired}
     assert {"w0", "w2"} <= workers  # the leaver worked before leaving, the joiner after joining
-    logs = (tmp_path / "worker2.log").read_text()
+    logs = (tmp_path / "w2.log").read_text()
     assert "partitions assigned" in logs
     print(f"rebalance: {len(raw)} beats, {len(keys) - len(set(keys))} duplicates")
 

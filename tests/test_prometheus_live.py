@@ -20,8 +20,7 @@ from stream.evaluator import LiveEvaluator
 from stream.kafka import ensure_topics, make_producer
 from stream.metrics import SimulatorMetrics, serve
 from tests.conftest import require_binary
-from tests.helpers import scrape
-from tests.test_pipeline import start_workers, stop_workers, wait_for_metrics
+from tests.helpers import scrape, start_workers, stop_workers, wait_for_metrics
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 # Series that only exist after a rare event; their panels fall back to `or vector(0)`.
