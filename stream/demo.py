@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -88,6 +89,9 @@ class Demo:
         self.synthetic = cfg.simulator.synthetic
 
     def start_workers(self, workdir: Path) -> None:
+        """N worker processes sharing this machine's cores (torch threads split between them:
+        oversubscribed torch threads slow every worker down many times)."""
+        threads = max(1, (os.cpu_count() or 2) // self.n_workers)
         path = workdir / "config.yaml"
         path.write_text(yaml.safe_dump(as_dict(self.cfg)))
         for i in range(self.n_workers):
@@ -107,6 +111,8 @@ class Demo:
                     f"worker.worker_id=demo-worker-{i}",
                     "--set",
                     "metrics.host=127.0.0.1",
+                    "--set",
+                    f"model.torch_threads={threads}",
                 ],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
