@@ -119,12 +119,12 @@ def fresh(cfg: Config, tag: str, *overrides: str) -> Config:
     return out
 
 
-def produce_backlog(cfg: Config, beats: int, rate: float = 0.0) -> int:
+def produce_backlog(cfg: Config, beats: int, rate: float = 0.0, linger_ms: int = 20) -> int:
     """Publish `beats` simulated beats (as fast as possible, or at `rate`)."""
     sim = dataclasses.replace(
         cfg.simulator, beats=beats, speed=0.0, rate=rate, truth=False, duration_s=0.0
     )
-    producer = make_producer(cfg.kafka, linger_ms=20)
+    producer = make_producer(cfg.kafka, linger_ms=linger_ms)
     try:
         return simulate(dataclasses.replace(cfg, simulator=sim), producer, SimulatorMetrics()).sent
     finally:
@@ -234,7 +234,8 @@ def latency_at(cfg: Config, offered: float, seconds: float, workdir: Path) -> di
     worker = WorkerProcess(cfg, workdir, f"lat{int(offered)}")
     try:
         worker.ready(cfg.kafka.partitions)
-        sent = produce_backlog(cfg, int(offered * seconds), rate=offered)
+        # Paced like devices: the configured linger, not the backlog's throughput setting.
+        sent = produce_backlog(cfg, int(offered * seconds), offered, cfg.kafka.linger_ms)
         count_rate(worker.consumed, sent, 300)
     finally:
         worker.stop()

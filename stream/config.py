@@ -63,6 +63,7 @@ class KafkaConfig:
     compression: str = "none"  # none, gzip, snappy, lz4, zstd
     max_poll_records: int = 1024
     max_partition_fetch_bytes: int = 8388608
+    fetch_max_wait_ms: int = 10  # how long the broker may hold a fetch that has no data
     request_timeout_ms: int = 30000
     reconnect_backoff_max_ms: int = 5000
 
@@ -113,7 +114,7 @@ class WorkerConfig:
     group_id: str = "ecg-stream-workers"
     worker_id: str = ""  # empty: hostname-pid
     max_batch: int = 256
-    max_wait_ms: int = 20
+    max_wait_ms: int = 10
     unrecoverable_fraction: float = 0.6  # more missing than this: unrecoverable, not invented
     template_beats: int = 20
     max_message_bytes: int = 65536
@@ -163,6 +164,7 @@ RANGES = [
     ("kafka.session_timeout_ms", 1000, 3600000),
     ("kafka.heartbeat_interval_ms", 100, 600000),
     ("kafka.max_poll_records", 1, 100000),
+    ("kafka.fetch_max_wait_ms", 0, 60000),
     ("model.torch_threads", 1, 256),
     ("simulator.patients", 1, 1000000),
     ("simulator.speed", 0, 10000),

@@ -85,6 +85,7 @@ def make_consumer(cfg: KafkaConfig, group_id: str | None, **overrides) -> KafkaC
         "max_poll_interval_ms": cfg.max_poll_interval_ms,
         "max_poll_records": cfg.max_poll_records,
         "max_partition_fetch_bytes": cfg.max_partition_fetch_bytes,
+        "fetch_max_wait_ms": cfg.fetch_max_wait_ms,
         "fetch_max_bytes": max(cfg.max_partition_fetch_bytes, 52428800),
         **overrides,
     }
