@@ -477,6 +477,11 @@ def test_broker_outage(data_dir, checkpoint, tmp_path):
         "simulator.seed=3",
         f"simulator.metrics_port={sim_port}",
         "metrics.host=127.0.0.1",
+        # On S3 storage every produce is an object and every fetch a listing: fewer, larger
+        # requests keep the emulator from becoming the bottleneck.
+        "kafka.fetch_max_wait_ms=500",
+        "worker.max_wait_ms=100",
+        "kafka.linger_ms=50",
         ONE_THREAD,
         *MIXED_DROPOUT,
     )
