@@ -20,7 +20,6 @@ import dataclasses
 import json
 import platform
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -28,14 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from models.data import BEAT_LEN
 from models.model import ReferenceAutoencoder, ReferenceClassifier, repair
 from simulator.run import simulate
-from stream.broker import EmbeddedBroker, free_port
-from stream.config import Config, as_dict, embedded_profile, load_config, set_value
-from stream.demo import scrape, total
+from stream.broker import EmbeddedBroker
+from stream.config import Config, embedded_profile, load_config, set_value
+from stream.demo import scrape, spawn_worker, total
 from stream.kafka import assign_all, ensure_topics, make_consumer, make_producer
 from stream.messages import decode_raw
 from stream.metrics import SimulatorMetrics, WorkerMetrics
@@ -166,26 +164,7 @@ class WorkerProcess:
     """A real `ecg-stream worker` subprocess with its metrics endpoint."""
 
     def __init__(self, cfg: Config, workdir: Path, name: str):
-        self.port = free_port()
-        path = workdir / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(as_dict(cfg)))
-        self.log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "stream.cli",
-                "worker",
-                "--config",
-                str(path),
-                "--metrics-port",
-                str(self.port),
-                "--set",
-                "metrics.host=127.0.0.1",
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
+        self.proc, self.port = spawn_worker(cfg, workdir, name)
 
     def consumed(self) -> float:
         return total(scrape(self.port), "ecg_messages_consumed_total")
@@ -209,7 +188,6 @@ class WorkerProcess:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-        self.log.close()
 
 
 def worker_throughput(

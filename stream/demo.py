@@ -76,6 +76,30 @@ def histogram_quantile(families: list, name: str, q: float) -> float:
     return lower
 
 
+def spawn_worker(cfg: Config, workdir: Path, name: str, *sets: str):
+    """An `ecg-stream worker` process with cfg (written to workdir/name.yaml), its metrics on a
+    free loopback port and its output in workdir/name.log. Returns (process, port)."""
+    port = free_port()
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(as_dict(cfg)))
+    args = [
+        "worker",
+        "--config",
+        str(path),
+        "--metrics-port",
+        str(port),
+        "--set",
+        "metrics.host=127.0.0.1",
+    ]
+    for item in sets:
+        args += ["--set", item]
+    with open(workdir / f"{name}.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stream.cli", *args], stdout=log, stderr=subprocess.STDOUT
+        )
+    return proc, port
+
+
 class Demo:
     """Owns the processes and threads of one demo run."""
 
@@ -92,30 +116,13 @@ class Demo:
         """N worker processes sharing this machine's cores (torch threads split between them:
         oversubscribed torch threads slow every worker down many times)."""
         threads = max(1, (os.cpu_count() or 2) // self.n_workers)
-        path = workdir / "config.yaml"
-        path.write_text(yaml.safe_dump(as_dict(self.cfg)))
         for i in range(self.n_workers):
-            port = free_port()
-            log_file = open(workdir / f"worker{i}.log", "wb")  # noqa: SIM115
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "stream.cli",
-                    "worker",
-                    "--config",
-                    str(path),
-                    "--metrics-port",
-                    str(port),
-                    "--set",
-                    f"worker.worker_id=demo-worker-{i}",
-                    "--set",
-                    "metrics.host=127.0.0.1",
-                    "--set",
-                    f"model.torch_threads={threads}",
-                ],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
+            proc, port = spawn_worker(
+                self.cfg,
+                workdir,
+                f"worker{i}",
+                f"worker.worker_id=demo-worker-{i}",
+                f"model.torch_threads={threads}",
             )
             self.procs.append((proc, port))
             print(f"  worker {i}: pid {proc.pid}, metrics http://127.0.0.1:{port}/metrics")

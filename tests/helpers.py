@@ -259,3 +259,16 @@ def wait_for_stable_group(partitions: int, ports, timeout_s: float = 90.0) -> No
             return
         time.sleep(0.3)
     raise AssertionError(f"the group did not settle in {timeout_s} s: {owned}")
+
+
+def run_simulator(cfg: Config):
+    """The simulator in this process (a thread or the test itself), on its own producer."""
+    from simulator.run import simulate
+    from stream.kafka import make_producer
+    from stream.metrics import SimulatorMetrics
+
+    producer = make_producer(cfg.kafka)
+    try:
+        return simulate(cfg, producer, SimulatorMetrics())
+    finally:
+        producer.close()

@@ -13,15 +13,14 @@ import jsonschema
 import numpy as np
 import pytest
 
-from simulator.run import simulate
 from stream.evaluator import LiveEvaluator
-from stream.kafka import ensure_topics, make_producer
-from stream.metrics import SimulatorMetrics
+from stream.kafka import ensure_topics
 from stream.tail import tail
 from tests.helpers import (
     decode,
     metric_sum,
     read_topic,
+    run_simulator,
     scrape,
     start_workers,
     stop_workers,
@@ -34,14 +33,6 @@ SCHEMAS = Path(__file__).resolve().parents[1] / "stream" / "schemas"
 
 def schema(name: str) -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(json.loads((SCHEMAS / f"{name}.v1.json").read_text()))
-
-
-def run_simulator(cfg):
-    producer = make_producer(cfg.kafka)
-    try:
-        return simulate(cfg, producer, SimulatorMetrics())
-    finally:
-        producer.close()
 
 
 @pytest.fixture

@@ -22,12 +22,13 @@ import pytest
 from kafka.future import Future
 
 from stream.broker import EmbeddedBroker, free_port, wait_for_port
-from stream.kafka import ensure_topics, make_producer
+from stream.kafka import ensure_topics
 from tests.conftest import require, unique_topics_config
 from tests.helpers import (
     TopicFollower,
     metric_sum,
     rss_bytes,
+    run_simulator,
     scrape,
     start_process,
     start_worker,
@@ -49,18 +50,6 @@ MIXED_DROPOUT = (
     "simulator.dropout.drop_prob=0.15",
     "simulator.dropout.lost_beat_prob=0.01",
 )
-
-
-def run_simulator(cfg):
-    """The simulator in this process (a thread or the test itself), on its own producer."""
-    from simulator.run import simulate
-    from stream.metrics import SimulatorMetrics
-
-    producer = make_producer(cfg.kafka)
-    try:
-        return simulate(cfg, producer, SimulatorMetrics())
-    finally:
-        producer.close()
 
 
 def read_raw(cfg, sent: int) -> TopicFollower:
