@@ -21,7 +21,7 @@ from stream import messages
 from stream.config import Config
 from stream.messages import InvalidMessage, RawBeat
 from stream.metrics import WorkerMetrics
-from stream.state import PatientRegistry, pad
+from stream.state import Admitted, PatientRegistry
 
 STATUSES = ("complete", "repaired", "unrecoverable")
 ALERT_TYPES = ("anomaly", "arrhythmia", "unrecoverable", "lost_beats")
@@ -65,7 +65,7 @@ class Output:
 class _Accepted:
     record: object
     beat: RawBeat
-    template: np.ndarray
+    admitted: Admitted
     unrecoverable: bool
 
 
@@ -104,12 +104,13 @@ class Processor:
     def _admit(self, rec, out: Output) -> _Accepted:
         w = self.cfg.worker
         beat = messages.decode_raw(rec.value, rec.key, w.max_message_bytes)
-        lost, template = self.registry.admit(rec.partition, beat)
+        admitted = self.registry.admit(rec.partition, beat)
+        lost = admitted.lost
         if lost > 0:
             self.metrics.lost.inc(lost)
             self._alert(out, "lost_beats", beat, {"lost": lost, "after_seq": beat.seq - lost - 1})
         missing_fraction = float(beat.missing.mean())
-        return _Accepted(rec, beat, template, missing_fraction > w.unrecoverable_fraction)
+        return _Accepted(rec, beat, admitted, missing_fraction > w.unrecoverable_fraction)
 
     def _dead_letter(self, rec, bad: InvalidMessage, out: Output) -> None:
         self.metrics.dlq.labels(bad.reason).inc()
@@ -130,10 +131,9 @@ class Processor:
         todo = [a for a in accepted if not a.unrecoverable]
         result = None
         if todo:
-            padded = [pad(a.beat.samples, a.beat.missing, BEAT_LEN) for a in todo]
-            beats = np.stack([p[0] for p in padded])
-            missing = np.stack([p[1] for p in padded])
-            templates = np.stack([a.template for a in todo])
+            beats = np.stack([a.admitted.padded for a in todo])
+            missing = np.stack([a.admitted.missing for a in todo])
+            templates = np.stack([a.admitted.template for a in todo])
             lengths = np.array([len(a.beat.samples) for a in todo])
             self.metrics.batch_size.observe(len(todo))
             started = time.perf_counter()

@@ -23,6 +23,14 @@ class PatientState:
 
 
 @dataclass
+class Admitted:
+    lost: int  # beats never received before this one
+    template: np.ndarray  # (width,) the patient's template, NaN where unknown
+    padded: np.ndarray  # (width,) the beat zero-padded to the model width
+    missing: np.ndarray  # (width,) bool, padding counts as observed
+
+
+@dataclass
 class PartitionState:
     patients: dict[str, PatientState] = field(default_factory=dict)
 
@@ -42,11 +50,12 @@ class PatientRegistry:
     def patient_count(self) -> int:
         return sum(len(s.patients) for s in self.partitions.values())
 
-    def admit(self, partition: int, beat: RawBeat) -> tuple[int, np.ndarray]:
+    def admit(self, partition: int, beat: RawBeat) -> Admitted:
         """Check a beat against its patient's history and register it.
 
-        Returns (beats lost before this one, the template to repair it with). Raises
-        InvalidMessage for a repeated/out-of-order sequence number or a timestamp going back.
+        Returns the beats lost before this one, the template to repair it with and the beat
+        padded to the model width. Raises InvalidMessage for a repeated/out-of-order sequence
+        number or a timestamp going back.
         """
         patients = self.partitions.setdefault(partition, PartitionState()).patients
         state = patients.get(beat.patient_id)
@@ -71,7 +80,7 @@ class PatientRegistry:
         padded, missing = pad(beat.samples, beat.missing, self.width)
         state.template.add(padded, missing)
         state.last_seq, state.last_timestamp = beat.seq, beat.timestamp
-        return lost, template
+        return Admitted(lost, template, padded, missing)
 
 
 def pad(samples: np.ndarray, missing: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
