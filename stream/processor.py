@@ -58,7 +58,6 @@ class Output:
     messages: list[tuple[str, bytes | None, bytes]] = field(default_factory=list)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # next offset to read
     sent_at: list[float] = field(default_factory=list)  # source publish time of each beat
-    beats: int = 0
 
 
 @dataclass
@@ -147,7 +146,6 @@ class Processor:
             for kind, detail in alerts:
                 self._alert(out, kind, a.beat, detail)
             out.sent_at.append(a.beat.sent_at or a.beat.timestamp)
-            out.beats += 1
 
     def _message(self, a: _Accepted, result, row: int, alerts: list):
         """The repaired-beat message of one accepted beat; its alerts go into `alerts`."""
