@@ -17,6 +17,7 @@ class TrainConfig:
     layers: int = 1
     patch: int = 4
     latent: int = 16
+    refine: int = 16  # per-sample refinement channels after the gap head (0: none)
     impute_weight: float = 20.0
     recon_weight: float = 5.0
     class_weight: float = 1.0
@@ -32,6 +33,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "hidden", "layers", "patch", "latent", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1")
+        if self.refine < 0:
+            raise ValueError("train.refine must be >= 0")
         if not 0 < self.lr < 1:
             raise ValueError("train.lr must be in (0, 1)")
         if not 0.5 <= self.anomaly_quantile < 1:

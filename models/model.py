@@ -5,7 +5,9 @@ EcgNet is a mask-aware LSTM autoencoder with one shared encoder and three heads:
     input per sample: observed value (0 if missing), observed flag, patient template (0 where
                       unknown), template-known flag, linear interpolation of the gaps
     -> frames of `patch` samples -> bidirectional LSTM encoder   (shared)
-       -> gap head:     per-frame Linear, a correction to the linear interpolation
+       -> gap head:     per-frame Linear, a correction to the linear interpolation,
+                        then (if `refine` > 0) a small per-sample convolution that smooths
+                        frame boundaries and restores detail finer than a frame
        -> class head:   mean+max pooled states -> MLP -> 5 AAMI logits
        -> anomaly head: pooled states -> latent bottleneck -> LSTM decoder -> reconstruction
 
@@ -35,6 +37,7 @@ class NetConfig:
     layers: int = 1
     latent: int = 16
     n_classes: int = 5
+    refine: int = 0  # channels of the per-sample refinement convolution; 0 = none
 
     @property
     def frames(self) -> int:
@@ -55,6 +58,15 @@ class EcgNet(nn.Module):
             INPUT_CHANNELS * c.patch, h, num_layers=c.layers, batch_first=True, bidirectional=True
         )
         self.gap_head = nn.Linear(2 * h, c.patch)
+        self.refiner = (
+            nn.Sequential(
+                nn.Conv1d(INPUT_CHANNELS + 1, c.refine, 9, padding=4),
+                nn.ReLU(),
+                nn.Conv1d(c.refine, 1, 9, padding=4),
+            )
+            if c.refine
+            else None
+        )
         self.class_head = nn.Sequential(nn.Linear(4 * h, h), nn.ReLU(), nn.Linear(h, c.n_classes))
         self.to_latent = nn.Linear(4 * h, c.latent)
         self.decoder = nn.LSTM(c.latent, h, batch_first=True)
@@ -75,6 +87,9 @@ class EcgNet(nn.Module):
         frames = x.reshape(b, c.frames, INPUT_CHANNELS * c.patch)
         states, _ = self.encoder(frames)
         fill = linear + self.gap_head(states).reshape(b, -1)[:, :width]
+        if self.refiner is not None:
+            per_sample = torch.cat([x[:, :width], fill.unsqueeze(-1)], dim=-1).transpose(1, 2)
+            fill = fill + self.refiner(per_sample).squeeze(1)
         pooled = torch.cat([states.mean(1), states.amax(1)], dim=-1)
         logits = self.class_head(pooled)
         z = self.to_latent(pooled)

@@ -116,7 +116,13 @@ def train(cfg: TrainConfig, data_dir: Path, progress: bool = True):
     rng = np.random.default_rng(cfg.seed)
     train_beats, _ = split_beats(cfg, data_dir)
     net = EcgNet(
-        NetConfig(hidden=cfg.hidden, layers=cfg.layers, patch=cfg.patch, latent=cfg.latent)
+        NetConfig(
+            hidden=cfg.hidden,
+            layers=cfg.layers,
+            patch=cfg.patch,
+            latent=cfg.latent,
+            refine=cfg.refine,
+        )
     )
     weights = class_weights(train_beats.label, net.config.n_classes, cfg.max_class_weight)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)

@@ -92,7 +92,7 @@ class PassThrough:
         self.cfg, self.metrics = cfg, metrics
         self.registry = PatientRegistry(BEAT_LEN, 1)  # the worker resets it on rebalances
 
-    def process(self, records) -> Output:
+    def prepare(self, records) -> Output:
         out = Output()
         for rec in records:
             self.metrics.consumed.inc()
@@ -102,6 +102,12 @@ class PassThrough:
             out.messages.append((self.cfg.topics.repaired, rec.key, rec.value))
             out.sent_at.append(time.time())
         return out
+
+    def infer(self, batch: Output) -> None:
+        return None
+
+    def complete(self, batch: Output, result: None) -> Output:
+        return batch
 
 
 def fresh(cfg: Config, tag: str, *overrides: str) -> Config:

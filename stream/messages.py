@@ -74,10 +74,6 @@ def _require(cond: bool, reason: str, detail: str) -> None:
         raise InvalidMessage(reason, detail)
 
 
-def _is_none(v) -> bool:
-    return v is None
-
-
 def _is_number(v) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
@@ -160,9 +156,14 @@ def _samples(values: list) -> tuple[np.ndarray, np.ndarray]:
     _require(
         SAMPLE_TYPES.issuperset(map(type, values)), "wrong_type", "samples must be numbers or null"
     )
-    missing = np.fromiter(map(_is_none, values), bool, len(values))
+    try:
+        # JSON has no NaN (orjson refuses the literal), so NaN here means null = missing.
+        arr = np.array(values, dtype=np.float64)
+    except OverflowError:
+        raise InvalidMessage("sample_out_of_range", "an integer sample overflows a float") from None
+    missing = np.isnan(arr)
     _require(not missing.all(), "all_samples_missing", "every sample is null")
-    arr = np.array([0.0 if v is None else v for v in values], dtype=np.float64)
+    arr[missing] = 0.0
     _require(bool(np.isfinite(arr).all()), "non_finite_sample", "a sample is NaN or infinite")
     _require(
         bool((np.abs(arr) <= MAX_ABS_SAMPLE).all()),

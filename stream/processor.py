@@ -8,6 +8,7 @@ messages. The worker publishes them and commits.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 
 import models
 from models.data import AAMI_CLASSES, BEAT_LEN
-from models.model import load_checkpoint, repair
+from models.model import Repair, load_checkpoint, repair
 from stream import messages
 from stream.config import Config
 from stream.messages import InvalidMessage, RawBeat
@@ -68,6 +69,15 @@ class _Accepted:
     unrecoverable: bool
 
 
+@dataclass
+class Prepared:
+    """A decoded and admitted batch, waiting for its model pass."""
+
+    out: Output  # dead letters and lost-beat alerts so far, and the batch's offsets
+    accepted: list[_Accepted]
+    inputs: tuple | None  # (beats, missing, templates, lengths) of the recoverable beats
+
+
 class Processor:
     """Stateful batch processor of one worker (state = its partitions' patients)."""
 
@@ -83,9 +93,16 @@ class Processor:
         self.classified = {c: metrics.classified.labels(c) for c in AAMI_CLASSES}
         self.anomalies = {c: metrics.anomalies.labels(c) for c in AAMI_CLASSES}
         self.alerts = {k: metrics.alerts.labels(k) for k in ALERT_TYPES}
+        self.tally: Counter = Counter()  # per-beat counter increments, applied once per batch
 
     def process(self, records) -> Output:
         """Process consumer records (topic, partition, offset, key, value) in order."""
+        batch = self.prepare(records)
+        return self.complete(batch, self.infer(batch))
+
+    def prepare(self, records) -> Prepared:
+        """Decode, validate and admit records in order; dead letters and lost-beat alerts go
+        straight into the output. Updates patient state, so call it from one thread only."""
         out = Output()
         accepted: list[_Accepted] = []
         self.metrics.consumed.inc(len(records))
@@ -96,7 +113,42 @@ class Processor:
                 accepted.append(self._admit(rec, out))
             except InvalidMessage as bad:
                 self._dead_letter(rec, bad, out)
-        self._repair(accepted, out)
+        todo = [a for a in accepted if not a.unrecoverable]
+        inputs = None
+        if todo:
+            inputs = (
+                np.stack([a.admitted.padded for a in todo]),
+                np.stack([a.admitted.missing for a in todo]),
+                np.stack([a.admitted.template for a in todo]),
+                np.array([len(a.beat.samples) for a in todo]),
+            )
+            self.metrics.batch_size.observe(len(todo))
+        return Prepared(out, accepted, inputs)
+
+    def infer(self, batch: Prepared) -> Repair | None:
+        """The one model pass of a prepared batch. Touches no state: safe to run in another
+        thread while the next batch is prepared."""
+        if batch.inputs is None:
+            return None
+        started = time.perf_counter()
+        result = repair(self.engine.net, *batch.inputs)
+        self.metrics.inference.observe(time.perf_counter() - started)
+        return result
+
+    def complete(self, batch: Prepared, result: Repair | None) -> Output:
+        """Build the repaired-beat and alert messages of a prepared batch."""
+        out = batch.out
+        row = 0
+        for a in batch.accepted:
+            alerts: list[tuple[str, dict]] = []
+            out.messages.append(self._message(a, None if a.unrecoverable else result, row, alerts))
+            row += not a.unrecoverable
+            for kind, detail in alerts:
+                self._alert(out, kind, a.beat, detail)
+            out.sent_at.append(a.beat.sent_at or a.beat.timestamp)
+        for counter, amount in self.tally.items():
+            counter.inc(amount)
+        self.tally.clear()
         self.metrics.patients.set(self.registry.patient_count())
         return out
 
@@ -108,7 +160,7 @@ class Processor:
         if lost > 0:
             self.metrics.lost.inc(lost)
             self._alert(out, "lost_beats", beat, {"lost": lost, "after_seq": beat.seq - lost - 1})
-        missing_fraction = float(beat.missing.mean())
+        missing_fraction = int(beat.missing.sum()) / len(beat.missing)
         return _Accepted(rec, beat, admitted, missing_fraction > w.unrecoverable_fraction)
 
     def _dead_letter(self, rec, bad: InvalidMessage, out: Output) -> None:
@@ -126,32 +178,11 @@ class Processor:
         )
         out.messages.append((self.cfg.topics.dlq, rec.key, messages.dumps(letter)))
 
-    def _repair(self, accepted: list[_Accepted], out: Output) -> None:
-        todo = [a for a in accepted if not a.unrecoverable]
-        result = None
-        if todo:
-            beats = np.stack([a.admitted.padded for a in todo])
-            missing = np.stack([a.admitted.missing for a in todo])
-            templates = np.stack([a.admitted.template for a in todo])
-            lengths = np.array([len(a.beat.samples) for a in todo])
-            self.metrics.batch_size.observe(len(todo))
-            started = time.perf_counter()
-            result = repair(self.engine.net, beats, missing, templates, lengths)
-            self.metrics.inference.observe(time.perf_counter() - started)
-        row = 0
-        for a in accepted:
-            alerts: list[tuple[str, dict]] = []
-            out.messages.append(self._message(a, None if a.unrecoverable else result, row, alerts))
-            row += not a.unrecoverable
-            for kind, detail in alerts:
-                self._alert(out, kind, a.beat, detail)
-            out.sent_at.append(a.beat.sent_at or a.beat.timestamp)
-
     def _message(self, a: _Accepted, result, row: int, alerts: list):
         """The repaired-beat message of one accepted beat; its alerts go into `alerts`."""
         beat, m = a.beat, self.metrics
         n_missing = int(beat.missing.sum())
-        m.samples_missing.inc(n_missing)
+        self.tally[m.samples_missing] += n_missing
         body = {
             "schema_version": messages.SCHEMA_VERSION,
             "patient_id": beat.patient_id,
@@ -187,7 +218,7 @@ class Processor:
             body.update(self._repaired_fields(beat, result, row, alerts))
         body["status"] = status
         body["processed_at"] = time.time()
-        self.produced[status].inc()
+        self.tally[self.produced[status]] += 1
         return (self.cfg.topics.repaired, beat.patient_id.encode(), messages.dumps(body))
 
     def _repaired_fields(self, beat: RawBeat, result, row: int, alerts: list) -> dict:
@@ -197,12 +228,12 @@ class Processor:
         gaps = np.flatnonzero(beat.missing)
         for i, value in zip(gaps.tolist(), np.round(filled[gaps], IMPUTED_DECIMALS).tolist()):
             samples[i] = value
-        self.metrics.samples_imputed.inc(len(gaps))
+        self.tally[self.metrics.samples_imputed] += len(gaps)
         probs = result.probabilities[row]
         label = AAMI_CLASSES[int(probs.argmax())]
         score = float(result.anomaly_score[row])
         flag = score > self.engine.threshold
-        self.classified[label].inc()
+        self.tally[self.classified[label]] += 1
         if flag:
             self.anomalies[label].inc()
             alerts.append(

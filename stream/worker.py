@@ -1,17 +1,26 @@
 """The stream worker: consume raw beats in micro-batches, repair them, publish, commit.
 
-One loop iteration is one micro-batch:
+Each micro-batch goes through:
 
 1. poll until `max_batch` records or `max_wait_ms` have passed;
-2. process the batch (decode, validate, one model pass) -> output messages;
-3. publish every output message and flush the producer, retrying with backoff while the
-   broker is away (nothing is committed until this succeeds);
-4. commit the batch's offsets (at-least-once: a crash before this replays the batch, so
+2. prepare: decode, validate, admit against patient state (dead letters out here);
+3. infer: one model pass, on the inference thread;
+4. complete: build the repaired beats and alerts; publish every message and flush the
+   producer, retrying with backoff while the broker is away (nothing is committed until this
+   succeeds);
+5. commit the batch's offsets (at-least-once: a crash before this replays the batch, so
    subscribers de-duplicate by (patient_id, seq)).
 
-On a rebalance the revoked partitions' records that were polled but not yet processed are
+Batches are pipelined two deep: while batch k is in the model (torch releases the GIL), the
+main thread publishes and commits batch k-1 and polls and prepares batch k+1, so on two cores
+Kafka I/O and inference overlap. Batches finish strictly in order, and a batch that cannot be
+published stops everything after it from being committed.
+
+On a rebalance the revoked partitions' records that were polled but not yet prepared are
 dropped (neither published nor committed: their next owner reads them again from the last
-commit), and so is their patient state. SIGTERM/SIGINT end the loop after the current batch.
+commit), and so is their patient state; batches already in the pipeline finish, and their
+commit is refused if the partition moved (a replay by the new owner, never a loss).
+SIGTERM/SIGINT end the loop after the batches in flight.
 """
 
 from __future__ import annotations
@@ -22,19 +31,27 @@ import os
 import socket
 import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from kafka import ConsumerRebalanceListener, OffsetAndMetadata, TopicPartition
-from kafka.errors import CommitFailedError, KafkaError, KafkaTimeoutError
+from kafka.errors import (
+    CommitFailedError,
+    KafkaError,
+    KafkaTimeoutError,
+    RebalanceInProgressError,
+)
 
 from stream.config import Config
 from stream.kafka import make_consumer, make_producer, partition_lag
 from stream.metrics import WorkerMetrics
-from stream.processor import Engine, Output, Processor
+from stream.processor import Engine, Output, Prepared, Processor
 
 log = logging.getLogger(__name__)
 BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 ACK_WAIT_S = 5.0  # no acknowledgement for this long: a failed produce or commit (then retried)
 HEALTH_CHECK_S = 1.0  # how often an idle or polling worker checks its broker connections
+PIPELINE_DEPTH = 2  # batches prepared ahead of the one being published
 
 
 class OffsetWentBackwards(RuntimeError):
@@ -65,6 +82,8 @@ class Worker:
         )
         self.producer = make_producer(cfg.kafka, max_block_ms=5000)
         self.pending: list = []
+        self.in_flight: deque[tuple[Prepared, Future]] = deque()
+        self.inference = ThreadPoolExecutor(1, thread_name_prefix="inference")
         self.committed: dict[tuple[str, int], int] = {}
         self.batches = 0
         self.health_at = 0.0
@@ -85,6 +104,9 @@ class Worker:
             while not self.stop.is_set():
                 self.poll_batch()
                 if self.pending:
+                    self.start_batch()
+                oldest = self.in_flight[0][1] if self.in_flight else None
+                if oldest and (oldest.done() or len(self.in_flight) >= PIPELINE_DEPTH):
                     self.finish_batch()
                 if max_batches and self.batches >= max_batches:
                     break
@@ -92,35 +114,48 @@ class Worker:
             self.close()
 
     def poll_batch(self) -> None:
-        """Accumulate records until the batch is full or max_wait_ms has passed."""
+        """Accumulate records until the batch is full or max_wait_ms has passed, or until the
+        model is done with the batch in flight (publishing it first keeps latency low)."""
         w = self.cfg.worker
         deadline = time.monotonic() + w.max_wait_ms / 1000
+        busy = self.in_flight[-1][1] if self.in_flight else None
         while len(self.pending) < w.max_batch and not self.stop.is_set():
             remaining = deadline - time.monotonic()
-            if remaining <= 0 and self.pending:
+            if (remaining <= 0 and self.pending) or (busy and busy.done()):
                 break
-            # With nothing pending, wait a little longer so an idle worker does not spin.
-            timeout_ms = max(1, int(remaining * 1000)) if self.pending else 200
+            if busy:
+                timeout_ms = 1  # check on the model often
+            elif self.pending:
+                timeout_ms = max(1, int(remaining * 1000))
+            else:
+                timeout_ms = 200  # idle: wait a little longer so the loop does not spin
             polled = self.consumer.poll(
                 timeout_ms=timeout_ms, max_records=w.max_batch - len(self.pending)
             )
             for records in polled.values():
                 self.pending.extend(records)
-            if not self.pending:
-                self.update_lag()
-                self.check_connection()
-                return
+            if not self.pending and not busy:
+                break
         self.update_lag()
         self.check_connection()
 
+    def start_batch(self) -> None:
+        """Prepare the pending records and queue their model pass."""
+        records, self.pending = self.pending, []
+        records.sort(key=lambda r: (r.partition, r.offset))
+        batch = self.processor.prepare(records)
+        self.in_flight.append((batch, self.inference.submit(self.processor.infer, batch)))
+
     def finish_batch(self) -> None:
-        """Process, publish and commit the pending records."""
-        batch, self.pending = self.pending, []
+        """Complete, publish and commit the oldest batch in flight."""
+        batch, inferred = self.in_flight.popleft()
         started = time.perf_counter()
-        batch.sort(key=lambda r: (r.partition, r.offset))
-        output = self.processor.process(batch)
+        output = self.processor.complete(batch, inferred.result())
         if not self.publish(output):
-            return  # stopping while the broker is away: nothing committed, replayed later
+            # Stopping while the broker is away: nothing of this batch or of the ones behind
+            # it is committed; all of it is replayed by the next owner.
+            self.in_flight.clear()
+            return
         done = time.time()
         for sent in output.sent_at:
             self.metrics.latency.observe(max(0.0, done - sent))
@@ -186,6 +221,14 @@ class Worker:
             try:
                 # Bounded, so that an outage is reported (and a stop honoured) while retrying.
                 self.consumer.commit(offsets=to_commit, timeout_ms=int(ACK_WAIT_S * 1000))
+            except RebalanceInProgressError:
+                # The group is re-forming and waits for this member: take part (poll), then
+                # commit what this worker still owns. Without the poll the rebalance, and
+                # this loop, would never end.
+                self.take_part_in_rebalance()
+                owned = self.consumer.assignment()
+                to_commit = {tp: m for tp, m in to_commit.items() if tp in owned}
+                continue
             except CommitFailedError as exc:
                 # The group rebalanced: these partitions now belong to someone else, who
                 # will replay from the last commit (duplicates, never loss).
@@ -207,6 +250,12 @@ class Worker:
             for tp, meta in to_commit.items():
                 self.committed[(tp.topic, tp.partition)] = meta.offset
             return
+
+    def take_part_in_rebalance(self) -> None:
+        """One short poll, which rejoins the group; records it returns wait in `pending`."""
+        room = max(1, self.cfg.worker.max_batch - len(self.pending))
+        for records in self.consumer.poll(timeout_ms=100, max_records=room).values():
+            self.pending.extend(records)
 
     def _stopping_hard(self, attempt: int) -> bool:
         """While stopping, give up after a few retries instead of blocking shutdown."""
@@ -282,9 +331,12 @@ class Worker:
             log.warning("no connection to Kafka; consuming paused, retrying with backoff")
 
     def close(self) -> None:
-        """Finish what is pending, then leave the group and close the clients."""
+        """Finish what is in flight and pending, then leave the group and close the clients."""
         if self.pending:
+            self.start_batch()
+        while self.in_flight:
             self.finish_batch()
+        self.inference.shutdown()
         try:
             self.consumer.close(autocommit=False)
         finally:
