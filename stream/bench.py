@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import subprocess
 import tempfile
@@ -37,7 +38,7 @@ from stream.demo import scrape, spawn_worker, total
 from stream.kafka import assign_all, ensure_topics, make_consumer, make_producer
 from stream.messages import decode_raw
 from stream.metrics import SimulatorMetrics, WorkerMetrics
-from stream.processor import Engine, Output
+from stream.processor import Engine, Output, Prepared
 from stream.state import PatientRegistry
 from stream.worker import Worker
 
@@ -56,12 +57,17 @@ def _rate(fn, beats: int, min_seconds: float) -> float:
             return calls * beats / elapsed
 
 
-def model_throughput(engine: Engine, min_seconds: float) -> list[dict]:
-    """Beats/s of the shipped model and of the reference pair, per batch size."""
+def model_throughput(
+    engine: Engine, min_seconds: float, batch_sizes=BATCH_SIZES, threads: int = 0
+) -> list[dict]:
+    """Beats/s of the shipped model and of the reference pair, per batch size (with `threads`
+    torch threads; 0: the current setting)."""
     reference_ae, reference_cls = ReferenceAutoencoder().eval(), ReferenceClassifier().eval()
     rng = np.random.default_rng(0)
     rows = []
-    for b in BATCH_SIZES:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    for b in batch_sizes:
         beats = rng.random((b, 187), dtype=np.float32)
         missing = rng.random((b, 187)) < 0.15
         lengths = np.full(b, 150)
@@ -80,8 +86,10 @@ def model_throughput(engine: Engine, min_seconds: float) -> list[dict]:
                 "batch": b,
                 "shipped": _rate(shipped, b, min_seconds),
                 "reference": _rate(reference, b, min_seconds),
+                "threads": torch.get_num_threads(),
             }
         )
+    torch.set_num_threads(before)
     return rows
 
 
@@ -92,22 +100,23 @@ class PassThrough:
         self.cfg, self.metrics = cfg, metrics
         self.registry = PatientRegistry(BEAT_LEN, 1)  # the worker resets it on rebalances
 
-    def prepare(self, records) -> Output:
-        out = Output()
+    def prepare(self, records) -> Prepared:
+        out, first = Output(), {}
         for rec in records:
             self.metrics.consumed.inc()
             key = (rec.topic, rec.partition)
             out.offsets[key] = max(out.offsets.get(key, 0), rec.offset + 1)
+            first.setdefault(key, rec.offset)
             decode_raw(rec.value, rec.key, self.cfg.worker.max_message_bytes)
             out.messages.append((self.cfg.topics.repaired, rec.key, rec.value))
             out.sent_at.append(time.time())
-        return out
+        return Prepared(out, [], None, first)
 
-    def infer(self, batch: Output) -> None:
+    def infer(self, batch: Prepared) -> None:
         return None
 
-    def complete(self, batch: Output, result: None) -> Output:
-        return batch
+    def complete(self, batch: Prepared, result: None) -> Output:
+        return batch.out
 
 
 def fresh(cfg: Config, tag: str, *overrides: str) -> Config:
@@ -270,6 +279,11 @@ def run_benchmarks(cfg: Config, out: Path, quick: bool = False) -> dict:
     }
     print("1. model-only throughput", flush=True)
     results["model"] = model_throughput(engine, 0.3 if quick else 2.0)
+    cores = os.cpu_count() or 1
+    if cores != cfg.model.torch_threads:
+        results["model_all_cores"] = model_throughput(
+            engine, 0.3 if quick else 2.0, (cfg.worker.max_batch,), cores
+        )
     broker = None
     if not cfg.kafka.bootstrap_servers:
         broker = EmbeddedBroker().start()
@@ -332,13 +346,14 @@ def render(r: dict) -> str:
         f"Date {r['date']}; {r['machine']}; model {r['model_version']}; worker batching "
         f"max_batch={r['max_batch']}, max_wait_ms={r['max_wait_ms']}",
         "",
-        "| batch | shipped EcgNet (beats/s) | reference AE + classifier (beats/s) | ratio |",
-        "|---:|---:|---:|---:|",
+        "| batch | torch threads | shipped EcgNet (beats/s) | reference AE + classifier "
+        "(beats/s) | ratio |",
+        "|---:|---:|---:|---:|---:|",
     ]
-    for row in r["model"]:
+    for row in r["model"] + r.get("model_all_cores", []):
         lines.append(
-            f"| {row['batch']} | {row['shipped']:,.0f} | {row['reference']:,.0f} | "
-            f"{row['shipped'] / row['reference']:.1f}x |"
+            f"| {row['batch']} | {row['threads']} | {row['shipped']:,.0f} | "
+            f"{row['reference']:,.0f} | {row['shipped'] / row['reference']:.1f}x |"
         )
     lines += [
         "",
@@ -347,7 +362,12 @@ def render(r: dict) -> str:
         f"| Kafka pass-through (decode + re-publish, no model) | {r['passthrough']:,.0f} "
         "| ceiling |",
         f"| full worker, end to end | {r['worker']:,.0f} | "
-        f"{r['worker'] / prod['shipped']:.0%} of model-only at batch {prod['batch']} |",
+        f"{r['worker'] / prod['shipped']:.0%} of model-only at batch {prod['batch']}"
+        + "".join(
+            f"; {r['worker'] / row['shipped']:.0%} of it on {row['threads']} threads"
+            for row in r.get("model_all_cores", [])
+        )
+        + " |",
         f"| naive worker (one message at a time) | {r['naive']:,.0f} | full worker is "
         f"{r['worker'] / r['naive']:.1f}x faster |",
         "",

@@ -76,6 +76,7 @@ class Prepared:
     out: Output  # dead letters and lost-beat alerts so far, and the batch's offsets
     accepted: list[_Accepted]
     inputs: tuple | None  # (beats, missing, templates, lengths) of the recoverable beats
+    first_offsets: dict[tuple[str, int], int]  # (topic, partition) -> first offset in the batch
 
 
 class Processor:
@@ -105,10 +106,12 @@ class Processor:
         straight into the output. Updates patient state, so call it from one thread only."""
         out = Output()
         accepted: list[_Accepted] = []
+        first: dict[tuple[str, int], int] = {}
         self.metrics.consumed.inc(len(records))
         for rec in records:
             key = (rec.topic, rec.partition)
             out.offsets[key] = max(out.offsets.get(key, 0), rec.offset + 1)
+            first.setdefault(key, rec.offset)
             try:
                 accepted.append(self._admit(rec, out))
             except InvalidMessage as bad:
@@ -123,7 +126,7 @@ class Processor:
                 np.array([len(a.beat.samples) for a in todo]),
             )
             self.metrics.batch_size.observe(len(todo))
-        return Prepared(out, accepted, inputs)
+        return Prepared(out, accepted, inputs, first)
 
     def infer(self, batch: Prepared) -> Repair | None:
         """The one model pass of a prepared batch. Touches no state: safe to run in another

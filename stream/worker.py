@@ -266,21 +266,30 @@ class Worker:
     def on_revoked(self, partitions) -> None:
         # Called inside poll(), which kafka-python 3 runs on its IO thread: a blocking call
         # such as commit() raises there, and the error ends poll() and the worker. So records
-        # polled but not processed yet are not finished here: they are dropped (nothing of
-        # them was published or committed) and the consumer is rewound to the first of them,
-        # because kafka-python keeps a partition's position if it comes back to this worker.
-        revoked = set(partitions)
-        first: dict[TopicPartition, int] = {}
+        # not published yet are not finished here: the prepared batches in flight that touch
+        # a revoked partition and the pending records of every partition they touch are
+        # dropped (nothing of them was published or committed), and the consumer is rewound
+        # to the first of them, because kafka-python keeps a partition's position if it comes
+        # back to this worker. Publishing them after the rejoin would only make duplicates.
+        revoked = {(tp.topic, tp.partition) for tp in partitions}
+        first: dict[tuple[str, int], int] = {}
+        kept: deque[tuple[Prepared, Future]] = deque()
+        for batch, inferred in self.in_flight:
+            if revoked.isdisjoint(batch.first_offsets):
+                kept.append((batch, inferred))
+                continue
+            for key, offset in batch.first_offsets.items():
+                first[key] = min(first.get(key, offset), offset)
+        self.in_flight = kept
+        rewound = revoked | set(first)
         for r in self.pending:
-            tp = TopicPartition(r.topic, r.partition)
-            if tp in revoked:
-                first[tp] = min(first.get(tp, r.offset), r.offset)
-        self.pending = [
-            r for r in self.pending if TopicPartition(r.topic, r.partition) not in revoked
-        ]
-        for tp, offset in first.items():
+            key = (r.topic, r.partition)
+            if key in rewound:
+                first[key] = min(first.get(key, r.offset), r.offset)
+        self.pending = [r for r in self.pending if (r.topic, r.partition) not in rewound]
+        for (topic, partition), offset in first.items():
             with contextlib.suppress(ValueError):  # no longer assigned: nothing to rewind
-                self.consumer.seek(tp, offset)
+                self.consumer.seek(TopicPartition(topic, partition), offset)
         numbers = [tp.partition for tp in partitions]
         resets = self.processor.registry.drop_partitions(numbers)
         self.metrics.state_resets.inc(resets)

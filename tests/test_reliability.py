@@ -163,13 +163,18 @@ def test_acknowledgement_without_offset_is_sent_again():
     assert producer.sent == [b"a", b"a"] and publisher.acked == 1
 
 
-def test_revoked_partitions_drop_unprocessed_records_and_rewind():
-    """A rebalance while a batch is being collected: the revoked partitions' records are
-    dropped (the hook cannot commit on kafka-python 3's IO thread) and their consumer position
-    goes back to the first of them, so nothing is skipped if the partition comes back."""
+def test_revoked_partitions_drop_unpublished_records_and_rewind():
+    """A rebalance while batches are collected and in the model: what is not published yet
+    for the revoked partitions (pending records, prepared batches in flight, and the pending
+    records of every partition such a batch touches) is dropped, because the hook cannot
+    commit on kafka-python 3's IO thread, and each position goes back to the first dropped
+    record, so nothing is skipped if the partition comes back."""
+    from collections import deque
+
     from kafka import TopicPartition
 
     from stream.metrics import WorkerMetrics
+    from stream.processor import Output, Prepared
     from stream.state import PatientRegistry
     from stream.worker import Worker
 
@@ -177,16 +182,22 @@ def test_revoked_partitions_drop_unprocessed_records_and_rewind():
     worker = Worker.__new__(Worker)  # only the rebalance hook: no Kafka, no model
     worker.consumer = SimpleNamespace(seek=lambda tp, offset: seeks.append((tp, offset)))
     worker.processor = SimpleNamespace(registry=PatientRegistry(187, 20))
-    worker.metrics, worker.committed = WorkerMetrics(), {("t", 0): 5, ("t", 1): 9}
+    worker.metrics, worker.committed = WorkerMetrics(), {("t", 0): 3, ("t", 1): 9, ("t", 2): 1}
 
     def record(partition, offset):
         return SimpleNamespace(topic="t", partition=partition, offset=offset)
 
-    worker.pending = [record(0, 5), record(1, 9), record(0, 6)]
+    def batch(first):
+        return Prepared(Output(), [], None, first), None
+
+    untouched = batch({("t", 1): 7})
+    worker.in_flight = deque([batch({("t", 0): 3, ("t", 2): 1}), untouched])
+    worker.pending = [record(0, 5), record(1, 9), record(2, 4), record(0, 6)]
     worker.on_revoked({TopicPartition("t", 0)})
+    assert list(worker.in_flight) == [untouched]
     assert worker.pending == [record(1, 9)]
-    assert seeks == [(TopicPartition("t", 0), 5)]
-    assert worker.committed == {("t", 1): 9}
+    assert sorted(seeks) == [(TopicPartition("t", 0), 3), (TopicPartition("t", 2), 1)]
+    assert worker.committed == {("t", 1): 9, ("t", 2): 1}
 
 
 # --------------------------------------------------------------------------- worker crash
