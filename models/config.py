@@ -18,7 +18,7 @@ class TrainConfig:
     patch: int = 4
     latent: int = 16
     refine: int = 16  # per-sample refinement channels after the gap head (0: none)
-    impute_weight: float = 20.0
+    impute_weight: float = 60.0
     recon_weight: float = 5.0
     class_weight: float = 1.0
     max_class_weight: float = 20.0

@@ -23,7 +23,7 @@ from models.config import TrainConfig
 from models.masks import mask_batch, training_mask
 from models.model import EcgNet, NetConfig, repair, save_checkpoint, signal_mask
 
-MODEL_VERSION = "1.0.0"
+MODEL_VERSION = "1.1.0"
 NO_MLII = ("102", "104")
 
 

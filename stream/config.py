@@ -39,7 +39,7 @@ class DataConfig:
 class ModelConfig:
     checkpoint: str = ""  # empty: the packaged models/weights/ecgnet-ds1.pt
     ecg5000_checkpoint: str = ""
-    torch_threads: int = 2
+    torch_threads: int = 1
 
 
 @dataclass
