@@ -38,7 +38,7 @@ from stream.demo import scrape, spawn_worker, total
 from stream.kafka import assign_all, ensure_topics, make_consumer, make_producer
 from stream.messages import decode_raw
 from stream.metrics import SimulatorMetrics, WorkerMetrics
-from stream.processor import Engine, Output, Prepared
+from stream.processor import Engine, Output, Prepared, batch_offsets
 from stream.state import PatientRegistry
 from stream.worker import Worker
 
@@ -101,12 +101,10 @@ class PassThrough:
         self.registry = PatientRegistry(BEAT_LEN, 1)  # the worker resets it on rebalances
 
     def prepare(self, records) -> Prepared:
-        out, first = Output(), {}
+        offsets, first = batch_offsets(records)
+        out = Output(offsets=offsets)
+        self.metrics.consumed.inc(len(records))
         for rec in records:
-            self.metrics.consumed.inc()
-            key = (rec.topic, rec.partition)
-            out.offsets[key] = max(out.offsets.get(key, 0), rec.offset + 1)
-            first.setdefault(key, rec.offset)
             decode_raw(rec.value, rec.key, self.cfg.worker.max_message_bytes)
             out.messages.append((self.cfg.topics.repaired, rec.key, rec.value))
             out.sent_at.append(time.time())

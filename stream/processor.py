@@ -66,6 +66,7 @@ class _Accepted:
     record: object
     beat: RawBeat
     admitted: Admitted
+    n_missing: int
     unrecoverable: bool
 
 
@@ -77,6 +78,18 @@ class Prepared:
     accepted: list[_Accepted]
     inputs: tuple | None  # (beats, missing, templates, lengths) of the recoverable beats
     first_offsets: dict[tuple[str, int], int]  # (topic, partition) -> first offset in the batch
+
+
+def batch_offsets(records) -> tuple[dict, dict]:
+    """Per (topic, partition) of a batch: the next offset to read (what a commit stores) and
+    the first offset in the batch (where to rewind if the batch is dropped)."""
+    after: dict[tuple[str, int], int] = {}
+    first: dict[tuple[str, int], int] = {}
+    for rec in records:
+        key = (rec.topic, rec.partition)
+        after[key] = max(after.get(key, 0), rec.offset + 1)
+        first[key] = min(first.get(key, rec.offset), rec.offset)
+    return after, first
 
 
 class Processor:
@@ -104,14 +117,11 @@ class Processor:
     def prepare(self, records) -> Prepared:
         """Decode, validate and admit records in order; dead letters and lost-beat alerts go
         straight into the output. Updates patient state, so call it from one thread only."""
-        out = Output()
+        offsets, first = batch_offsets(records)
+        out = Output(offsets=offsets)
         accepted: list[_Accepted] = []
-        first: dict[tuple[str, int], int] = {}
         self.metrics.consumed.inc(len(records))
         for rec in records:
-            key = (rec.topic, rec.partition)
-            out.offsets[key] = max(out.offsets.get(key, 0), rec.offset + 1)
-            first.setdefault(key, rec.offset)
             try:
                 accepted.append(self._admit(rec, out))
             except InvalidMessage as bad:
@@ -163,8 +173,9 @@ class Processor:
         if lost > 0:
             self.metrics.lost.inc(lost)
             self._alert(out, "lost_beats", beat, {"lost": lost, "after_seq": beat.seq - lost - 1})
-        missing_fraction = int(beat.missing.sum()) / len(beat.missing)
-        return _Accepted(rec, beat, admitted, missing_fraction > w.unrecoverable_fraction)
+        n_missing = int(beat.missing.sum())
+        unrecoverable = n_missing / len(beat.missing) > w.unrecoverable_fraction
+        return _Accepted(rec, beat, admitted, n_missing, unrecoverable)
 
     def _dead_letter(self, rec, bad: InvalidMessage, out: Output) -> None:
         self.metrics.dlq.labels(bad.reason).inc()
@@ -184,7 +195,7 @@ class Processor:
     def _message(self, a: _Accepted, result, row: int, alerts: list):
         """The repaired-beat message of one accepted beat; its alerts go into `alerts`."""
         beat, m = a.beat, self.metrics
-        n_missing = int(beat.missing.sum())
+        n_missing = a.n_missing
         self.tally[m.samples_missing] += n_missing
         body = {
             "schema_version": messages.SCHEMA_VERSION,
