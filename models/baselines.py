@@ -1,4 +1,4 @@
-"""Simple gap fillers and the per-patient beat template, all vectorised numpy.
+"""Simple gap fillers, all vectorised numpy (patient templates live in `models.templates`).
 
 Conventions: `beats` is (n, L) float32, `missing` is (n, L) bool (True = missing). Fillers
 return a copy in which only missing samples change.
@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.interpolate import CubicSpline
-
-TEMPLATE_BEATS = 20
 
 
 def zero_fill(beats: np.ndarray, missing: np.ndarray) -> np.ndarray:
@@ -60,55 +58,3 @@ def template_fill(beats: np.ndarray, missing: np.ndarray, template: np.ndarray) 
     template has no data (NaN) they are linearly interpolated instead."""
     known = np.where(np.isnan(template), linear_fill(beats, missing), template)
     return np.where(missing, known, beats).astype(np.float32)
-
-
-def running_templates(
-    beats: np.ndarray, missing: np.ndarray, groups: np.ndarray, k: int = TEMPLATE_BEATS
-) -> np.ndarray:
-    """Per-patient template of each beat from that patient's previous k beats only.
-
-    Sample-wise mean of the *observed* values of the previous k beats in the same group
-    (beats must be in time order within a group); NaN where none of them observed the sample
-    (always for a patient's first beat). This is exactly what `TemplateTracker` computes in
-    the stream.
-    """
-    out = np.zeros_like(beats, dtype=np.float32)
-    observed = (~missing).astype(np.float64)
-    values = np.where(missing, 0.0, beats).astype(np.float64)
-    for g in np.unique(groups):
-        idx = np.flatnonzero(groups == g)
-        csum = np.vstack([np.zeros((1, beats.shape[1])), np.cumsum(values[idx], axis=0)])
-        ccnt = np.vstack([np.zeros((1, beats.shape[1])), np.cumsum(observed[idx], axis=0)])
-        hi = np.arange(len(idx))
-        lo = np.maximum(hi - k, 0)
-        total, count = csum[hi] - csum[lo], ccnt[hi] - ccnt[lo]
-        out[idx] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-    return out
-
-
-class TemplateTracker:
-    """One patient's running template over the last k beats, updated in O(L) per beat."""
-
-    def __init__(self, width: int, k: int = TEMPLATE_BEATS):
-        self.k = k
-        self.values = np.zeros((k, width))
-        self.observed = np.zeros((k, width))
-        self.total = np.zeros(width)
-        self.count = np.zeros(width)
-        self.seen = 0
-
-    def template(self) -> np.ndarray:
-        """The template for the next beat (mean of observed values, NaN where none)."""
-        return np.where(self.count > 0, self.total / np.maximum(self.count, 1), np.nan).astype(
-            np.float32
-        )
-
-    def add(self, beat: np.ndarray, missing: np.ndarray) -> None:
-        """Add a received beat (only its observed samples count)."""
-        slot = self.seen % self.k
-        obs = (~missing).astype(np.float64)
-        vals = np.where(missing, 0.0, beat)
-        self.total += vals - self.values[slot]
-        self.count += obs - self.observed[slot]
-        self.values[slot], self.observed[slot] = vals, obs
-        self.seen += 1

@@ -18,6 +18,8 @@ class TrainConfig:
     patch: int = 4
     latent: int = 16
     refine: int = 16  # per-sample refinement channels after the gap head (0: none)
+    template_beats: int = 40  # previous beats of a patient the template draws on
+    template_matches: int = 8  # 0: their mean; m: the m that best match the beat's samples
     impute_weight: float = 60.0
     recon_weight: float = 5.0
     class_weight: float = 1.0
@@ -33,8 +35,10 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "hidden", "layers", "patch", "latent", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1")
-        if self.refine < 0:
-            raise ValueError("train.refine must be >= 0")
+        if self.refine < 0 or self.template_matches < 0:
+            raise ValueError("train.refine and train.template_matches must be >= 0")
+        if self.template_beats < 1:
+            raise ValueError("train.template_beats must be >= 1")
         if not 0 < self.lr < 1:
             raise ValueError("train.lr must be in (0, 1)")
         if not 0.5 <= self.anomaly_quantile < 1:

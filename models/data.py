@@ -250,7 +250,7 @@ def _cached_record_beats(record: str, data_dir: Path, use_cache: bool) -> Beats:
     beats = extract_beats(record, data_dir)
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")  # concurrent trainings share the cache
         np.savez(
             tmp, **dict(zip(("samples", "length", "label", "record", "time"), beats._arrays()))
         )

@@ -25,10 +25,11 @@ from tqdm import tqdm
 
 from models import data as D
 from models import plots
-from models.baselines import linear_fill, running_templates, spline_fill, template_fill, zero_fill
+from models.baselines import linear_fill, spline_fill, template_fill, zero_fill
 from models.config import TrainConfig
 from models.masks import block, bursty, contiguous_gap, mask_batch, training_mask
 from models.model import Repair, load_checkpoint, repair
+from models.templates import TemplateSpec
 from models.train import ecg5000_scores, split_beats
 
 BATCH = 1024
@@ -107,7 +108,7 @@ class Run:
 
     beats: D.Beats
     missing: np.ndarray
-    template: np.ndarray
+    template: np.ndarray  # the mean template of the baseline (the model may use another)
     out: Repair
 
 
@@ -218,9 +219,12 @@ def batched_repair(net, beats: D.Beats, missing, template, desc: str, progress: 
 def masked_run(net, beats: D.Beats, rows, mask_fn, rng, desc: str, progress: bool) -> Run:
     """Masks and causal templates on the full record sequence, then the model on `rows`."""
     missing = mask_batch(mask_fn, rng, beats.length, beats.samples.shape[1])
-    template = running_templates(beats.samples, missing, beats.record)[rows]
+    args = (beats.samples, missing, beats.length, beats.record)
+    baseline = TemplateSpec().batch(*args)
+    model = baseline if net.config.template == TemplateSpec() else net.config.template.batch(*args)
     sub, missing = beats.subset(rows), missing[rows]
-    return Run(sub, missing, template, batched_repair(net, sub, missing, template, desc, progress))
+    out = batched_repair(net, sub, missing, model[rows], desc, progress)
+    return Run(sub, missing, baseline[rows], out)
 
 
 def imputation_section(run: Run) -> tuple[dict, dict]:

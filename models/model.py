@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from models.baselines import linear_fill
+from models.templates import TemplateSpec
 
 
 @dataclass
@@ -38,10 +39,16 @@ class NetConfig:
     latent: int = 16
     n_classes: int = 5
     refine: int = 0  # channels of the per-sample refinement convolution; 0 = none
+    template_beats: int = 20  # the patient template the network was trained with
+    template_matches: int = 0  # 0: mean of the previous beats; m: the m best-matching ones
 
     @property
     def frames(self) -> int:
         return -(-self.beat_len // self.patch)
+
+    @property
+    def template(self) -> TemplateSpec:
+        return TemplateSpec(self.template_beats, self.template_matches)
 
 
 INPUT_CHANNELS = 5

@@ -18,12 +18,13 @@ from torch import nn
 from tqdm import tqdm
 
 from models import data as D
-from models.baselines import linear_fill, running_templates
+from models.baselines import linear_fill
 from models.config import TrainConfig
 from models.masks import mask_batch, training_mask
 from models.model import EcgNet, NetConfig, repair, save_checkpoint, signal_mask
+from models.templates import TemplateSpec
 
-MODEL_VERSION = "1.1.0"
+MODEL_VERSION = "1.2.0"
 NO_MLII = ("102", "104")
 
 
@@ -67,7 +68,7 @@ PERSISTENT_BLOCK = 0.10  # share of records losing samples 100-137 in every beat
 PERSISTENT_GAP = 0.05  # share of records losing the same random stretch in every beat
 
 
-def epoch_masks(rng, beats: D.Beats):
+def epoch_masks(rng, beats: D.Beats, spec: TemplateSpec):
     """Fresh training masks and the templates they imply.
 
     Some records lose the same samples in every beat (the reference block, or a fixed stretch,
@@ -87,8 +88,7 @@ def epoch_masks(rng, beats: D.Beats):
             stop = start + int(rng.integers(10, 60))
         missing[rows, start:stop] = True
         missing[rows] &= signal_mask(beats.length[rows], D.BEAT_LEN)
-    template = running_templates(beats.samples, missing, beats.record)
-    return missing, template
+    return missing, spec.batch(beats.samples, missing, beats.length, beats.record)
 
 
 def losses(net, batch: D.Beats, missing, template, weights, cfg: TrainConfig):
@@ -122,6 +122,8 @@ def train(cfg: TrainConfig, data_dir: Path, progress: bool = True):
             patch=cfg.patch,
             latent=cfg.latent,
             refine=cfg.refine,
+            template_beats=cfg.template_beats,
+            template_matches=cfg.template_matches,
         )
     )
     weights = class_weights(train_beats.label, net.config.n_classes, cfg.max_class_weight)
@@ -133,7 +135,7 @@ def train(cfg: TrainConfig, data_dir: Path, progress: bool = True):
     started = time.time()
     for epoch in range(cfg.epochs):
         net.train()
-        missing, template = epoch_masks(rng, train_beats)
+        missing, template = epoch_masks(rng, train_beats, net.config.template)
         order = rng.permutation(len(train_beats))[:per_epoch]
         sums = np.zeros(4)
         bar = tqdm(
@@ -196,7 +198,7 @@ def calibrate_threshold(net, beats: D.Beats, rng, quantile: float, limit: int = 
     training masks (the stream scores beats with gaps, so the threshold must too)."""
     normal = np.flatnonzero(beats.label == 0)
     idx = np.sort(rng.permutation(normal)[:limit])
-    missing, template = epoch_masks(rng, beats)
+    missing, template = epoch_masks(rng, beats, net.config.template)
     scores = []
     for start in range(0, len(idx), 1024):
         part = idx[start : start + 1024]

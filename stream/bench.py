@@ -31,6 +31,7 @@ import torch
 
 from models.data import BEAT_LEN
 from models.model import ReferenceAutoencoder, ReferenceClassifier, repair
+from models.templates import TemplateSpec
 from simulator.run import simulate
 from stream.broker import EmbeddedBroker
 from stream.config import Config, embedded_profile, load_config, set_value
@@ -98,7 +99,8 @@ class PassThrough:
 
     def __init__(self, cfg: Config, metrics: WorkerMetrics):
         self.cfg, self.metrics = cfg, metrics
-        self.registry = PatientRegistry(BEAT_LEN, 1)  # the worker resets it on rebalances
+        # Sequence checks only (the worker resets the registry on rebalances).
+        self.registry = PatientRegistry(BEAT_LEN, TemplateSpec(beats=1))
 
     def prepare(self, records) -> Prepared:
         offsets, first = batch_offsets(records)

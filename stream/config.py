@@ -116,7 +116,6 @@ class WorkerConfig:
     max_batch: int = 256
     max_wait_ms: int = 10
     unrecoverable_fraction: float = 0.6  # more missing than this: unrecoverable, not invented
-    template_beats: int = 20
     max_message_bytes: int = 65536
     alert_classes: list[str] = field(default_factory=lambda: ["S", "V", "F", "Q"])
     min_alert_probability: float = 0.5
@@ -173,7 +172,6 @@ RANGES = [
     ("worker.max_batch", 1, 65536),
     ("worker.max_wait_ms", 0, 60000),
     ("worker.unrecoverable_fraction", 0, 1),
-    ("worker.template_beats", 1, 1000),
     ("worker.max_message_bytes", 1024, 100000000),
     ("worker.min_alert_probability", 0, 1),
     ("metrics.port", 0, 65535),

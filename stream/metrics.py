@@ -102,7 +102,7 @@ class WorkerMetrics:
         )
         self.batch_seconds = Histogram(
             "ecg_batch_seconds",
-            "Whole batch: decode, model, publish, flush and commit",
+            "Publishing a computed batch: send, flush to acknowledgement and commit",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

@@ -59,6 +59,7 @@ class Output:
     messages: list[tuple[str, bytes | None, bytes]] = field(default_factory=list)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # next offset to read
     sent_at: list[float] = field(default_factory=list)  # source publish time of each beat
+    counts: Counter = field(default_factory=Counter)  # counter -> increment, once published
 
 
 @dataclass
@@ -100,19 +101,13 @@ class Processor:
         self.engine = engine
         self.metrics = metrics
         self.worker_id = worker_id
-        self.registry = PatientRegistry(BEAT_LEN, cfg.worker.template_beats)
+        self.registry = PatientRegistry(BEAT_LEN, engine.net.config.template)
         metrics.model_info.labels(engine.version, f"{engine.threshold:.6g}").set(1)
         # Labelled children resolved once: labels() costs more than inc() on the hot path.
         self.produced = {s: metrics.produced.labels(s) for s in STATUSES}
         self.classified = {c: metrics.classified.labels(c) for c in AAMI_CLASSES}
         self.anomalies = {c: metrics.anomalies.labels(c) for c in AAMI_CLASSES}
         self.alerts = {k: metrics.alerts.labels(k) for k in ALERT_TYPES}
-        self.tally: Counter = Counter()  # per-beat counter increments, applied once per batch
-
-    def process(self, records) -> Output:
-        """Process consumer records (topic, partition, offset, key, value) in order."""
-        batch = self.prepare(records)
-        return self.complete(batch, self.infer(batch))
 
     def prepare(self, records) -> Prepared:
         """Decode, validate and admit records in order; dead letters and lost-beat alerts go
@@ -136,6 +131,7 @@ class Processor:
                 np.array([len(a.beat.samples) for a in todo]),
             )
             self.metrics.batch_size.observe(len(todo))
+        self.metrics.patients.set(self.registry.patient_count())
         return Prepared(out, accepted, inputs, first)
 
     def infer(self, batch: Prepared) -> Repair | None:
@@ -149,20 +145,19 @@ class Processor:
         return result
 
     def complete(self, batch: Prepared, result: Repair | None) -> Output:
-        """Build the repaired-beat and alert messages of a prepared batch."""
+        """Build the repaired-beat and alert messages of a prepared batch. Touches no patient
+        state: safe to run on the inference thread. Its counts go into `Output.counts`, for
+        the worker to add once the batch is published."""
         out = batch.out
         row = 0
         for a in batch.accepted:
             alerts: list[tuple[str, dict]] = []
-            out.messages.append(self._message(a, None if a.unrecoverable else result, row, alerts))
+            recovered = None if a.unrecoverable else result
+            out.messages.append(self._message(a, recovered, row, alerts, out.counts))
             row += not a.unrecoverable
             for kind, detail in alerts:
                 self._alert(out, kind, a.beat, detail)
             out.sent_at.append(a.beat.sent_at or a.beat.timestamp)
-        for counter, amount in self.tally.items():
-            counter.inc(amount)
-        self.tally.clear()
-        self.metrics.patients.set(self.registry.patient_count())
         return out
 
     def _admit(self, rec, out: Output) -> _Accepted:
@@ -171,14 +166,14 @@ class Processor:
         admitted = self.registry.admit(rec.partition, beat)
         lost = admitted.lost
         if lost > 0:
-            self.metrics.lost.inc(lost)
+            out.counts[self.metrics.lost] += lost
             self._alert(out, "lost_beats", beat, {"lost": lost, "after_seq": beat.seq - lost - 1})
         n_missing = int(beat.missing.sum())
         unrecoverable = n_missing / len(beat.missing) > w.unrecoverable_fraction
         return _Accepted(rec, beat, admitted, n_missing, unrecoverable)
 
     def _dead_letter(self, rec, bad: InvalidMessage, out: Output) -> None:
-        self.metrics.dlq.labels(bad.reason).inc()
+        out.counts[self.metrics.dlq.labels(bad.reason)] += 1
         letter = messages.dead_letter(
             bad.reason,
             bad.detail,
@@ -192,11 +187,11 @@ class Processor:
         )
         out.messages.append((self.cfg.topics.dlq, rec.key, messages.dumps(letter)))
 
-    def _message(self, a: _Accepted, result, row: int, alerts: list):
+    def _message(self, a: _Accepted, result, row: int, alerts: list, counts: Counter):
         """The repaired-beat message of one accepted beat; its alerts go into `alerts`."""
-        beat, m = a.beat, self.metrics
+        beat = a.beat
         n_missing = a.n_missing
-        self.tally[m.samples_missing] += n_missing
+        counts[self.metrics.samples_missing] += n_missing
         body = {
             "schema_version": messages.SCHEMA_VERSION,
             "patient_id": beat.patient_id,
@@ -229,27 +224,29 @@ class Processor:
             )
         else:
             status = "repaired" if n_missing else "complete"
-            body.update(self._repaired_fields(beat, result, row, alerts))
+            body.update(self._repaired_fields(beat, result, row, alerts, counts))
         body["status"] = status
         body["processed_at"] = time.time()
-        self.tally[self.produced[status]] += 1
+        counts[self.produced[status]] += 1
         return (self.cfg.topics.repaired, beat.patient_id.encode(), messages.dumps(body))
 
-    def _repaired_fields(self, beat: RawBeat, result, row: int, alerts: list) -> dict:
+    def _repaired_fields(
+        self, beat: RawBeat, result, row: int, alerts: list, counts: Counter
+    ) -> dict:
         n = len(beat.samples)
         filled = result.samples[row, :n]
         samples = list(beat.raw_values)  # observed values exactly as received
         gaps = np.flatnonzero(beat.missing)
         for i, value in zip(gaps.tolist(), np.round(filled[gaps], IMPUTED_DECIMALS).tolist()):
             samples[i] = value
-        self.tally[self.metrics.samples_imputed] += len(gaps)
+        counts[self.metrics.samples_imputed] += len(gaps)
         probs = result.probabilities[row]
         label = AAMI_CLASSES[int(probs.argmax())]
         score = float(result.anomaly_score[row])
         flag = score > self.engine.threshold
-        self.tally[self.classified[label]] += 1
+        counts[self.classified[label]] += 1
         if flag:
-            self.anomalies[label].inc()
+            counts[self.anomalies[label]] += 1
             alerts.append(
                 (
                     "anomaly",
@@ -271,7 +268,7 @@ class Processor:
         }
 
     def _alert(self, out: Output, kind: str, beat: RawBeat, detail: dict) -> None:
-        self.alerts[kind].inc()
+        out.counts[self.alerts[kind]] += 1
         msg = messages.alert(
             kind, "warning", beat.patient_id, beat.seq, beat.timestamp, detail, self.engine.version
         )

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.baselines import TemplateTracker
+from models.templates import MatchedTemplate, MeanTemplate, TemplateSpec
 from stream.messages import InvalidMessage, RawBeat
 
 
@@ -19,7 +19,7 @@ from stream.messages import InvalidMessage, RawBeat
 class PatientState:
     last_seq: int
     last_timestamp: float
-    template: TemplateTracker
+    template: MeanTemplate | MatchedTemplate
 
 
 @dataclass
@@ -38,9 +38,9 @@ class PartitionState:
 class PatientRegistry:
     """Sequence checks and running templates for the patients of the assigned partitions."""
 
-    def __init__(self, width: int, template_beats: int):
+    def __init__(self, width: int, template: TemplateSpec):
         self.width = width
-        self.template_beats = template_beats
+        self.template = template
         self.partitions: dict[int, PartitionState] = {}
 
     def drop_partitions(self, partitions) -> int:
@@ -61,7 +61,7 @@ class PatientRegistry:
         state = patients.get(beat.patient_id)
         lost = 0
         if state is None:
-            state = PatientState(-1, -1.0, TemplateTracker(self.width, self.template_beats))
+            state = PatientState(-1, -1.0, self.template.tracker(self.width))
             patients[beat.patient_id] = state
         else:
             if beat.seq <= state.last_seq:
@@ -76,9 +76,8 @@ class PatientRegistry:
                     f"{state.last_timestamp} of patient {beat.patient_id}",
                 )
             lost = beat.seq - state.last_seq - 1
-        template = state.template.template()
         padded, missing = pad(beat.samples, beat.missing, self.width)
-        state.template.add(padded, missing)
+        template = state.template.advance(padded, missing, len(beat.samples))
         state.last_seq, state.last_timestamp = beat.seq, beat.timestamp
         return Admitted(lost, template, padded, missing)
 

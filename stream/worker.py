@@ -4,17 +4,18 @@ Each micro-batch goes through:
 
 1. poll until `max_batch` records or `max_wait_ms` have passed;
 2. prepare: decode, validate, admit against patient state (dead letters out here);
-3. infer: one model pass, on the inference thread;
-4. complete: build the repaired beats and alerts; publish every message and flush the
-   producer, retrying with backoff while the broker is away (nothing is committed until this
-   succeeds);
+3. infer and complete: one model pass, then build the repaired beats and alerts, on the
+   inference thread;
+4. publish every message and flush the producer, retrying with backoff while the broker is
+   away (nothing is committed until this succeeds);
 5. commit the batch's offsets (at-least-once: a crash before this replays the batch, so
    subscribers de-duplicate by (patient_id, seq)).
 
-Batches are pipelined two deep: while batch k is in the model (torch releases the GIL), the
-main thread publishes and commits batch k-1 and polls and prepares batch k+1, so on two cores
-Kafka I/O and inference overlap. Batches finish strictly in order, and a batch that cannot be
-published stops everything after it from being committed.
+Batches are pipelined two deep: while batch k is in the model (torch releases the GIL) and
+its messages are built, the main thread publishes and commits batch k-1 and polls and
+prepares batch k+1, so on two cores Kafka I/O and the computation overlap. Batches finish
+strictly in order, and a batch that cannot be published stops everything after it from being
+committed; counters move only once a batch is published.
 
 On a rebalance the revoked partitions' records that were polled but not yet prepared are
 dropped (neither published nor committed: their next owner reads them again from the last
@@ -144,18 +145,24 @@ class Worker:
         records, self.pending = self.pending, []
         records.sort(key=lambda r: (r.partition, r.offset))
         batch = self.processor.prepare(records)
-        self.in_flight.append((batch, self.inference.submit(self.processor.infer, batch)))
+        self.in_flight.append((batch, self.inference.submit(self._compute, batch)))
+
+    def _compute(self, batch: Prepared) -> Output:
+        """On the inference thread: the model pass and the messages of a prepared batch."""
+        return self.processor.complete(batch, self.processor.infer(batch))
 
     def finish_batch(self) -> None:
-        """Complete, publish and commit the oldest batch in flight."""
-        batch, inferred = self.in_flight.popleft()
+        """Publish and commit the oldest batch in flight, and count what it published."""
+        _, computed = self.in_flight.popleft()
+        output = computed.result()
         started = time.perf_counter()
-        output = self.processor.complete(batch, inferred.result())
         if not self.publish(output):
             # Stopping while the broker is away: nothing of this batch or of the ones behind
             # it is committed; all of it is replayed by the next owner.
             self.in_flight.clear()
             return
+        for counter, amount in output.counts.items():
+            counter.inc(amount)
         done = time.time()
         for sent in output.sent_at:
             self.metrics.latency.observe(max(0.0, done - sent))

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from models import baselines as B
+from models import data as D
 from models import masks
+from models import templates as T
 from models.config import TrainConfig
 from models.model import (
     CheckpointError,
@@ -38,7 +40,7 @@ def test_linear_fill_interpolates_and_holds_edges():
 def test_fillers_change_only_missing_samples(record_100):
     beats = record_100.subset(np.arange(300))
     missing = masked(beats)
-    template = B.running_templates(beats.samples, missing, beats.record)
+    template = T.running_templates(beats.samples, missing, beats.record)
     for filled in (
         B.zero_fill(beats.samples, missing),
         B.linear_fill(beats.samples, missing),
@@ -48,25 +50,87 @@ def test_fillers_change_only_missing_samples(record_100):
         assert np.array_equal(filled[~missing], beats.samples[~missing])
 
 
-def test_stream_template_tracker_matches_training_templates(record_100):
+def test_stream_mean_template_matches_the_vectorised_one(record_100):
     beats = record_100.subset(np.arange(120))
     missing = masked(beats, seed=3)
-    expected = B.running_templates(beats.samples, missing, beats.record, k=20)
-    tracker = B.TemplateTracker(beats.samples.shape[1], k=20)
+    expected = T.running_templates(beats.samples, missing, beats.record, k=20)
+    tracker = T.TemplateSpec(beats=20).tracker(beats.samples.shape[1])
     for i in range(len(beats)):
-        assert np.allclose(tracker.template(), expected[i], atol=1e-5, equal_nan=True)
-        tracker.add(beats.samples[i], missing[i])
+        got = tracker.advance(beats.samples[i], missing[i], beats.length[i])
+        assert np.allclose(got, expected[i], atol=1e-5, equal_nan=True)
 
 
-def test_templates_never_use_the_future(record_100):
-    beats = record_100.subset(np.arange(40))
-    missing = np.zeros_like(beats.samples, bool)
-    before = B.running_templates(beats.samples, missing, beats.record)
+@pytest.mark.parametrize("spec", [T.TemplateSpec(), T.TemplateSpec(beats=40, matches=8)])
+def test_templates_never_use_the_future(record_100, spec):
+    beats = record_100.subset(np.arange(60))
+    missing = masked(beats, seed=1)
+    before = spec.batch(beats.samples, missing, beats.length, beats.record)
     changed = beats.samples.copy()
     changed[30:] = 0.5
-    after = B.running_templates(changed, missing, beats.record)
-    assert np.array_equal(before[:31], after[:31], equal_nan=True)
+    after = spec.batch(changed, missing, beats.length, beats.record)
+    assert np.array_equal(before[:30], after[:30], equal_nan=True)
+    assert not np.array_equal(before[31:], after[31:], equal_nan=True)
     assert np.isnan(before[0]).all()  # a patient's first beat has no template yet
+    hidden = np.where(missing, 0.5, beats.samples)  # what was never received cannot leak
+    assert np.array_equal(before, spec.batch(hidden, missing, beats.length, beats.record), True)
+
+
+def brute_force_matched(beats, missing, lengths, i, k, m):
+    """The matched template of beat i, spelled out with loops (a reference for the tracker)."""
+    width = beats.shape[1]
+    usable = [~missing[j] & (np.arange(width) < lengths[j]) for j in range(i + 1)]
+    scored = []
+    for age, j in enumerate(range(i - 1, max(i - k, 0) - 1, -1)):
+        both = usable[i] & usable[j]
+        if both.sum() < T.MIN_OVERLAP:
+            continue
+        offset = np.mean(beats[i, both] - beats[j, both])
+        distance = np.mean((beats[i, both] - beats[j, both] - offset) ** 2)
+        scored.append((distance, age, j, offset))
+    chosen = sorted(scored)[:m]
+    total, count = np.zeros(width), np.zeros(width)
+    for _, _, j, offset in chosen:
+        total += np.where(usable[j], beats[j] + offset, 0.0)
+        count += usable[j]
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def test_matched_template_agrees_with_a_brute_force_reference(record_100):
+    beats = record_100.subset(np.arange(70))
+    missing = masked(beats, seed=4)
+    spec = T.TemplateSpec(beats=12, matches=3)
+    got = spec.batch(beats.samples, missing, beats.length, beats.record)
+    for i in (1, 2, 5, 13, 40, 69):
+        expected = brute_force_matched(beats.samples, missing, beats.length, i, 12, 3)
+        assert np.allclose(got[i], expected, atol=1e-4, equal_nan=True), i
+
+
+def test_matched_template_finds_the_patients_earlier_ectopic_beats():
+    width = 60
+    t = np.linspace(0, 1, width)
+    normal, ectopic = np.sin(np.pi * t), np.sin(3 * np.pi * t) * 0.8 + 0.1
+    history = [normal] * 9 + [ectopic + 0.2] + [normal] * 9  # one earlier ectopic, shifted
+    beats = np.array([*history, ectopic], np.float32)
+    missing = np.zeros(beats.shape, bool)
+    missing[-1, 20:40] = True  # the new ectopic beat loses a third
+    spec = T.TemplateSpec(beats=20, matches=1)
+    matched = spec.batch(beats, missing, np.full(len(beats), width), np.zeros(len(beats)))
+    mean = T.running_templates(beats, missing, np.zeros(len(beats)))
+    gap = missing[-1]
+    assert np.allclose(matched[-1, gap], ectopic[gap], atol=1e-5)  # the offset is removed
+    assert np.abs(mean[-1, gap] - ectopic[gap]).max() > 0.5
+
+
+def test_matched_templates_fill_gaps_better_than_the_mean_template(data_dir):
+    beats = D.load_beats(["119"], data_dir)  # ventricular bigeminy: a mean blurs two shapes
+    rng = np.random.default_rng(0)
+    missing = masks.mask_batch(masks.contiguous_gap, rng, beats.length, beats.samples.shape[1])
+    args = (beats.samples, missing, beats.length, beats.record)
+    errors = {}
+    for name, spec in {"mean": T.TemplateSpec(), "matched": T.TemplateSpec(40, 8)}.items():
+        filled = B.template_fill(beats.samples, missing, spec.batch(*args))
+        errors[name] = np.sqrt(np.mean((filled - beats.samples)[missing] ** 2))
+    assert errors["matched"] < 0.9 * errors["mean"], errors
 
 
 def test_masks_stay_inside_the_signal():
@@ -82,7 +146,7 @@ def test_repair_never_changes_an_observed_sample(checkpoint, record_100):
     net, _ = load_checkpoint(checkpoint)
     beats = record_100.subset(np.arange(512))
     missing = masked(beats, seed=5)
-    template = B.running_templates(beats.samples, missing, beats.record)
+    template = net.config.template.batch(beats.samples, missing, beats.length, beats.record)
     out = repair(net, beats.samples, missing, template, beats.length)
     assert np.array_equal(out.samples[~missing], beats.samples[~missing])
     assert not np.allclose(out.samples[missing], 0)  # gaps really are filled

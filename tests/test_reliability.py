@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 from kafka.future import Future
 
+from models.templates import TemplateSpec
 from stream.broker import EmbeddedBroker, free_port, wait_for_port
 from stream.kafka import ensure_topics
 from tests.conftest import require, unique_topics_config
@@ -181,7 +182,7 @@ def test_revoked_partitions_drop_unpublished_records_and_rewind():
     seeks = []
     worker = Worker.__new__(Worker)  # only the rebalance hook: no Kafka, no model
     worker.consumer = SimpleNamespace(seek=lambda tp, offset: seeks.append((tp, offset)))
-    worker.processor = SimpleNamespace(registry=PatientRegistry(187, 20))
+    worker.processor = SimpleNamespace(registry=PatientRegistry(187, TemplateSpec()))
     worker.metrics, worker.committed = WorkerMetrics(), {("t", 0): 3, ("t", 1): 9, ("t", 2): 1}
 
     def record(partition, offset):

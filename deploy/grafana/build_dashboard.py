@@ -104,7 +104,7 @@ LAYOUT = [
         (4, 8, timeseries("Inference and batch time", [
             *quantiles("ecg_inference_seconds", (0.5, 0.99)),
             q(f"histogram_quantile(0.99, sum by (le) "
-              f"(rate(ecg_batch_seconds_bucket{{{W}}}[1m])))", "whole batch p99"),
+              f"(rate(ecg_batch_seconds_bucket{{{W}}}[1m])))", "publish+commit p99"),
         ], "s", "Model time per batch; whole batch = decode, model, publish, flush, commit")),
     ]),
     ("Scale-out", [
