@@ -1,4 +1,4 @@
-"""Simple gap fillers, all vectorised numpy (patient templates live in `models.templates`).
+"""Simple gap fillers, all vectorised (patient templates live in `models.templates`).
 
 Conventions: `beats` is (n, L) float32, `missing` is (n, L) bool (True = missing). Fillers
 return a copy in which only missing samples change.
@@ -7,6 +7,7 @@ return a copy in which only missing samples change.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy.interpolate import CubicSpline
 
 
@@ -17,21 +18,26 @@ def zero_fill(beats: np.ndarray, missing: np.ndarray) -> np.ndarray:
 
 def linear_fill(beats: np.ndarray, missing: np.ndarray) -> np.ndarray:
     """Linear interpolation between the nearest observed neighbours (held flat at the edges)."""
-    n, width = beats.shape
-    pos = np.broadcast_to(np.arange(width), (n, width))
+    filled = linear_fill_tensor(torch.from_numpy(np.asarray(beats)), torch.from_numpy(missing))
+    return filled.numpy().astype(np.float32)
+
+
+def linear_fill_tensor(beats: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
+    """`linear_fill` on tensors, in torch ops only, so that it runs inside the traced repair
+    pass (`models.model.trace_repair`)."""
+    width = beats.shape[1]
+    pos = torch.arange(width).expand_as(beats)
     observed = ~missing
-    prev = np.maximum.accumulate(np.where(observed, pos, -1), axis=1)
-    nxt = np.minimum.accumulate(np.where(observed, pos, width)[:, ::-1], axis=1)[:, ::-1]
+    prev = torch.where(observed, pos, -1).cummax(1).values
+    nxt = torch.where(observed, pos, width).flip(1).cummin(1).values.flip(1)
     has_prev, has_next = prev >= 0, nxt < width
-    rows = np.arange(n)[:, None]
-    left = beats[rows, np.clip(prev, 0, width - 1)]
-    right = beats[rows, np.clip(nxt, 0, width - 1)]
-    span = np.maximum(nxt - prev, 1)
-    frac = (pos - prev) / span
+    left = beats.gather(1, prev.clamp(0, width - 1))
+    right = beats.gather(1, nxt.clamp(0, width - 1))
+    frac = (pos - prev).to(beats.dtype) / (nxt - prev).clamp(min=1).to(beats.dtype)
     inner = left + (right - left) * frac
-    filled = np.where(has_prev & has_next, inner, np.where(has_prev, left, right))
-    filled = np.where(has_prev | has_next, filled, 0.0)
-    return np.where(missing, filled, beats).astype(np.float32)
+    filled = torch.where(has_prev & has_next, inner, torch.where(has_prev, left, right))
+    filled = torch.where(has_prev | has_next, filled, torch.zeros_like(filled))
+    return torch.where(missing, filled, beats)
 
 
 def spline_fill(beats: np.ndarray, missing: np.ndarray) -> np.ndarray:

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from models.baselines import linear_fill
+from models.baselines import linear_fill_tensor
 from models.templates import TemplateSpec
 
 
@@ -83,7 +84,7 @@ class EcgNet(nn.Module):
         """All inputs (B, L) float tensors (missing as 0/1; template NaN where the patient's
         recent beats never observed the sample). Returns fill, logits, recon."""
         c = self.config
-        b, width = observed.shape
+        width = observed.shape[1]
         pad = c.frames * c.patch - width
         known = ~torch.isnan(template)
         x = torch.stack(
@@ -91,17 +92,17 @@ class EcgNet(nn.Module):
             dim=-1,
         )
         x = nn.functional.pad(x, (0, 0, 0, pad))
-        frames = x.reshape(b, c.frames, INPUT_CHANNELS * c.patch)
+        frames = x.reshape(-1, c.frames, INPUT_CHANNELS * c.patch)
         states, _ = self.encoder(frames)
-        fill = linear + self.gap_head(states).reshape(b, -1)[:, :width]
+        fill = linear + self.gap_head(states).flatten(1)[:, :width]
         if self.refiner is not None:
             per_sample = torch.cat([x[:, :width], fill.unsqueeze(-1)], dim=-1).transpose(1, 2)
             fill = fill + self.refiner(per_sample).squeeze(1)
         pooled = torch.cat([states.mean(1), states.amax(1)], dim=-1)
         logits = self.class_head(pooled)
         z = self.to_latent(pooled)
-        decoded, _ = self.decoder(z.unsqueeze(1).expand(b, c.frames, c.latent).contiguous())
-        recon = self.recon_head(decoded).reshape(b, -1)[:, :width]
+        decoded, _ = self.decoder(z.unsqueeze(1).expand(-1, c.frames, -1).contiguous())
+        recon = self.recon_head(decoded).flatten(1)[:, :width]
         return fill, logits, recon
 
 
@@ -114,22 +115,60 @@ class Repair:
     anomaly_score: np.ndarray  # (B,) reconstruction MSE over observed signal samples
 
 
+class RepairPass(nn.Module):
+    """The whole repair computation of a batch in torch ops: linear interpolation, the network,
+    observed samples copied through, class probabilities and the anomaly score."""
+
+    def __init__(self, net: EcgNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, beats, missing, template, lengths):
+        beats = torch.where(missing, torch.zeros_like(beats), beats)
+        linear = linear_fill_tensor(beats, missing)
+        fill, logits, recon = self.net(beats, missing.float(), template, linear)
+        filled = torch.where(missing, fill, beats)
+        signal = (torch.arange(beats.shape[1]) < lengths.unsqueeze(1)) & ~missing
+        err = ((recon - beats) ** 2 * signal).sum(1) / signal.sum(1).clamp(min=1)
+        return filled, torch.softmax(logits, -1), err
+
+
+def trace_repair(net: EcgNet) -> torch.jit.ScriptModule:
+    """`RepairPass` traced into TorchScript for serving (any batch size, the net's beat width).
+
+    A traced call releases the GIL once for the whole pass; eager mode releases and re-takes it
+    at every op, and each re-take waits for the Python thread beside it (Kafka I/O in the
+    worker) for up to a switch interval: measured 12x slower inference under contention."""
+    net.eval()
+    example = (
+        torch.zeros(2, net.config.beat_len),
+        torch.zeros(2, net.config.beat_len, dtype=torch.bool),
+        torch.zeros(2, net.config.beat_len),
+        torch.full((2,), net.config.beat_len),
+    )
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return torch.jit.trace(RepairPass(net), example, check_trace=False)
+
+
 @torch.inference_mode()
 def repair(
-    net: EcgNet, beats: np.ndarray, missing: np.ndarray, template: np.ndarray, lengths
+    net: EcgNet | torch.jit.ScriptModule,
+    beats: np.ndarray,
+    missing: np.ndarray,
+    template: np.ndarray,
+    lengths,
 ) -> Repair:
-    """Fill gaps, classify and score a batch in one pass. Observed samples are copied through."""
-    beats = np.where(missing, 0.0, beats).astype(np.float32)
-    linear = linear_fill(beats, missing)
-    t = [
-        torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-        for a in (beats, missing, template, linear)
-    ]
-    fill, logits, recon = net(*t)
-    filled = np.where(missing, fill.numpy(), beats)
-    signal = signal_mask(lengths, beats.shape[1]) & ~missing
-    err = ((recon.numpy() - beats) ** 2 * signal).sum(1) / np.maximum(signal.sum(1), 1)
-    return Repair(filled, torch.softmax(logits, -1).numpy(), err)
+    """Fill gaps, classify and score a batch in one pass. Observed samples are copied through.
+    `net` is an EcgNet or its `trace_repair`."""
+    run = net if isinstance(net, torch.jit.ScriptModule) else RepairPass(net)
+    filled, probabilities, score = run(
+        torch.from_numpy(np.ascontiguousarray(beats, dtype=np.float32)),
+        torch.from_numpy(np.ascontiguousarray(missing, dtype=bool)),
+        torch.from_numpy(np.ascontiguousarray(template, dtype=np.float32)),
+        torch.from_numpy(np.asarray(lengths, dtype=np.int64)),
+    )
+    return Repair(filled.numpy(), probabilities.numpy(), score.numpy())
 
 
 def signal_mask(lengths, width: int) -> np.ndarray:

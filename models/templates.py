@@ -10,7 +10,9 @@ The checkpoint decides which kind its network was trained with (`TemplateSpec`):
   beat so finds the patient's earlier ectopics instead of the mean of mostly normal beats.
 
 Both only ever look at a patient's previous beats, exactly as a worker sees them in the
-stream; NaN marks samples none of the chosen beats observed.
+stream; NaN marks samples none of the chosen beats observed. `TemplateStore` keeps the
+previous beats of many patients in one array and computes the templates of a whole batch in
+a few array operations; training, evaluation and the worker all use it.
 """
 
 from __future__ import annotations
@@ -28,23 +30,20 @@ class TemplateSpec:
     beats: int = TEMPLATE_BEATS  # previous beats of a patient kept
     matches: int = 0  # 0: mean template; m > 0: matched template of the m best matches
 
-    def tracker(self, width: int) -> MeanTemplate | MatchedTemplate:
-        """A fresh per-patient tracker of this kind."""
-        if self.matches:
-            return MatchedTemplate(width, self.beats, self.matches)
-        return MeanTemplate(width, self.beats)
+    def store(self, width: int) -> TemplateStore:
+        """An empty store of this kind."""
+        return TemplateStore(self, width)
 
     def batch(self, beats: np.ndarray, missing: np.ndarray, lengths, groups) -> np.ndarray:
         """The template of every beat from the previous beats of its group (beats in time
-        order within a group), exactly as the stream's trackers compute them."""
+        order within a group), exactly as the stream computes them."""
         if not self.matches:
             return running_templates(beats, missing, groups, self.beats)
-        out = np.empty(beats.shape, np.float32)
-        for g in np.unique(groups):
-            tracker = self.tracker(beats.shape[1])
-            for i in np.flatnonzero(groups == g):
-                out[i] = tracker.advance(beats[i], missing[i], int(lengths[i]))
-        return out
+        store = self.store(beats.shape[1])
+        names, slots = np.unique(groups, return_inverse=True)
+        for _ in names:
+            store.add()
+        return store.advance(slots, beats, missing, lengths)
 
 
 def running_templates(
@@ -52,7 +51,7 @@ def running_templates(
 ) -> np.ndarray:
     """Vectorised mean templates: per beat, the sample-wise mean of the observed values of
     the previous k beats in its group; NaN where none observed the sample (always for a
-    group's first beat). `MeanTemplate` computes the same, one beat at a time."""
+    group's first beat). A mean `TemplateStore` computes the same."""
     out = np.zeros_like(beats, dtype=np.float32)
     observed = (~missing).astype(np.float64)
     values = np.where(missing, 0.0, beats).astype(np.float64)
@@ -67,83 +66,102 @@ def running_templates(
     return out
 
 
-class MeanTemplate:
-    """One patient's mean template over the last k beats, updated in O(L) per beat."""
+class TemplateStore:
+    """The last k beats of many patients (one slot each), in one ring-buffer array.
 
-    def __init__(self, width: int, k: int = TEMPLATE_BEATS):
-        self.k = k
-        self.values = np.zeros((k, width))
-        self.observed = np.zeros((k, width))
-        self.total = np.zeros(width)
-        self.count = np.zeros(width)
-        self.seen = 0
-
-    def advance(self, beat: np.ndarray, missing: np.ndarray, length: int) -> np.ndarray:
-        """The template for this beat (from the previous ones), then remember the beat."""
-        template = np.where(self.count > 0, self.total / np.maximum(self.count, 1), np.nan)
-        slot = self.seen % self.k
-        obs = (~missing).astype(np.float64)
-        vals = np.where(missing, 0.0, beat)
-        self.total += vals - self.values[slot]
-        self.count += obs - self.observed[slot]
-        self.values[slot], self.observed[slot] = vals, obs
-        self.seen += 1
-        return template.astype(np.float32)
-
-
-class MatchedTemplate:
-    """One patient's matched template over the last k beats.
-
-    A ring buffer holds, per previous beat, its observed-signal flags, values and squared
-    values; one matrix product with the new beat's (flags, values, squares) gives every
-    overlap count, sum and sum of squared differences at once, so a beat costs O(k L).
+    Per previous beat it keeps the flags of the samples it observed and their values (60 KB
+    per patient for k = 40); for a batch, one batched matrix product with the new beats'
+    (flags, values, squared values) gives every overlap count, sum and cross term at once.
+    A mean store counts padding as observed zeros; a matched store uses only the signal.
     """
 
-    def __init__(self, width: int, k: int, matches: int):
-        self.matches = matches
-        self.history = np.zeros((k, 3, width), np.float32)  # per beat: flag, value, value**2
-        self.current = np.zeros((3, width), np.float32)
-        self.weights = np.zeros((k, 3), np.float32)
-        self.positions = np.arange(width)
-        self.seen = 0
+    def __init__(self, spec: TemplateSpec, width: int, capacity: int = 16):
+        self.spec = spec
+        self.width = width
+        self.history = np.zeros((capacity, spec.beats, 2, width), np.float32)
+        self.seen = np.zeros(capacity, np.int64)
+        self.free: list[int] = list(range(capacity - 1, -1, -1))
 
-    def advance(self, beat: np.ndarray, missing: np.ndarray, length: int) -> np.ndarray:
-        """The template for this beat (from the previous ones), then remember the beat."""
-        usable = self.positions < length
-        usable &= ~missing
-        flags, values, squares = self.current
-        flags[:] = usable
-        values[:] = 0.0
-        np.copyto(values, beat, where=usable)
-        np.multiply(values, values, out=squares)
-        template = self._match()
-        self.history[self.seen % len(self.history)] = self.current
-        self.seen += 1
-        return template
+    def add(self) -> int:
+        """A slot for a new patient (with no history)."""
+        if not self.free:
+            capacity = len(self.seen)
+            self.history = np.concatenate([self.history, np.zeros_like(self.history)])
+            self.seen = np.concatenate([self.seen, np.zeros_like(self.seen)])
+            self.free = list(range(2 * capacity - 1, capacity - 1, -1))
+        slot = self.free.pop()
+        self.seen[slot] = 0
+        return slot
 
-    def _match(self) -> np.ndarray:
-        n = min(self.seen, len(self.history))
-        if n == 0:
-            return np.full(self.current.shape[1], np.nan, np.float32)
-        history = self.history[:n].reshape(3 * n, -1)
-        # sums[j, a, b]: over the samples both observed, the sum of term a (flag, value,
-        # square) of previous beat j times term b of this beat.
-        sums = (history @ self.current.T).reshape(n, 3, 3)
-        count = sums[:, 0, 0]
-        offset = (sums[:, 0, 1] - sums[:, 1, 0]) / np.maximum(count, 1)
-        eligible = count >= MIN_OVERLAP
-        chosen = np.zeros(n, np.float32)
-        if eligible.sum() > self.matches:
-            squared = sums[:, 0, 2] - 2 * sums[:, 1, 1] + sums[:, 2, 0]  # sum of (x - x_j)**2
-            distance = np.where(eligible, squared / np.maximum(count, 1) - offset**2, np.inf)
-            chosen[np.argpartition(distance, self.matches - 1)[: self.matches]] = 1.0
-        elif eligible.any():
-            chosen[eligible] = 1.0
-        else:  # nothing overlaps enough (or no history): the plain mean of what there is
-            chosen[:], offset = 1.0, np.zeros(n, np.float32)
-        weights = self.weights[:n]  # the zero third column skips the squares
-        weights[:, 0], weights[:, 1] = chosen * offset, chosen
-        total = weights.reshape(-1) @ history
-        observed = chosen @ self.history[:n, 0]
-        template = np.full_like(total, np.nan)
+    def release(self, slots) -> None:
+        """Forget patients; their slots are reused."""
+        self.free.extend(slots)
+
+    def advance(self, slots, beats: np.ndarray, missing: np.ndarray, lengths) -> np.ndarray:
+        """The template of each beat from its slot's previous beats (earlier rows of the same
+        slot included), then remember the beats. Rows of one slot must be in time order."""
+        slots = np.asarray(slots, np.int64)
+        if not len(slots):
+            return np.empty((0, self.width), np.float32)
+        usable = ~missing
+        if self.spec.matches:
+            usable = usable & (np.arange(self.width) < np.asarray(lengths)[:, None])
+        current = np.zeros((len(slots), 3, self.width), np.float32)
+        current[:, 0] = usable
+        np.copyto(current[:, 1], beats, where=usable)
+        np.multiply(current[:, 1], current[:, 1], out=current[:, 2])
+        out = np.empty((len(slots), self.width), np.float32)
+        k = self.spec.beats
+        for rows in _rounds(slots):
+            ids = slots[rows]
+            out[rows] = self._templates(ids, current[rows])
+            self.history[ids, self.seen[ids] % k] = current[rows, :2]
+            self.seen[ids] += 1
+        return out
+
+    def _templates(self, slots: np.ndarray, current: np.ndarray) -> np.ndarray:
+        """Templates for distinct slots; current: (n, 3, width) flags, values, squares."""
+        n, k = len(slots), self.spec.beats
+        history = self.history[slots]  # (n, k, 2, width)
+        flags, values = history[:, :, 0], history[:, :, 1]
+        valid = np.arange(k) < np.minimum(self.seen[slots], k)[:, None]
+        offset = np.zeros((n, k), np.float32)
+        chosen = valid
+        if self.spec.matches:
+            # sums[i, j, a, b]: over the samples both observed, term a (flag, value) of
+            # previous beat j times term b (flag, value, value**2) of beat i.
+            sums = (history.reshape(n, 2 * k, -1) @ current.transpose(0, 2, 1)).reshape(n, k, 2, 3)
+            count = np.maximum(sums[..., 0, 0], 1)
+            offset = (sums[..., 0, 1] - sums[..., 1, 0]) / count
+            eligible = valid & (sums[..., 0, 0] >= MIN_OVERLAP)
+            # sum of (x - x_j)**2 over the overlap, then its mean after removing the offset
+            prev_squares = ((values * values) @ current[:, 0, :, None])[..., 0]
+            squared = sums[..., 0, 2] - 2 * sums[..., 1, 1] + prev_squares
+            distance = np.where(eligible, squared / count - offset**2, np.inf)
+            m = min(self.spec.matches, k)
+            best = np.argpartition(distance, m - 1, axis=1)[:, :m]
+            chosen = np.zeros((n, k), bool)
+            np.put_along_axis(chosen, best, True, axis=1)
+            chosen &= eligible
+            # nothing overlaps enough (or no history): the plain mean of what there is
+            alone = ~eligible.any(1)
+            chosen[alone], offset[alone] = valid[alone], 0.0
+        weights = chosen.astype(np.float32)[:, None, :]
+        total = ((weights * offset[:, None, :]) @ flags + weights @ values)[:, 0]
+        observed = (weights @ flags)[:, 0]
+        template = np.full((n, self.width), np.nan, np.float32)
         return np.divide(total, observed, out=template, where=observed > 0)
+
+
+def _rounds(slots: np.ndarray) -> list[np.ndarray]:
+    """Row indices split into rounds in which every slot appears at most once: round r holds
+    each slot's r-th row, so rounds run in order and keep each slot's rows in time order."""
+    order = np.argsort(slots, kind="stable")
+    ordered = slots[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    sizes = np.diff(np.r_[starts, len(slots)])
+    occurrence = np.empty(len(slots), np.int64)
+    occurrence[order] = np.arange(len(slots)) - np.repeat(starts, sizes)
+    by_round = np.argsort(occurrence, kind="stable")
+    bounds = np.searchsorted(occurrence[by_round], np.arange(1, occurrence.max() + 1))
+    return np.split(by_round, bounds)

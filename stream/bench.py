@@ -4,7 +4,8 @@
    out) and the reference notebook's pair (LSTM 64-32-64 autoencoder + 2-layer LSTM-64
    classifier, forward passes only);
 2. the Kafka pass-through ceiling: a worker that decodes and re-publishes, no model;
-3. the full worker (a real `ecg-stream worker` process) end to end through the broker;
+3. the full worker (a real `ecg-stream worker` process) end to end through the broker, with
+   BENCH_PATIENTS patients, so that its per-patient state is in the memory figure;
 4. a naive worker: poll one, infer one, produce one, commit (max_batch = 1);
 5. end-to-end latency p50/p95/p99 at fixed offered loads to one worker;
 6. peak RSS of the worker process.
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from models.data import BEAT_LEN
-from models.model import ReferenceAutoencoder, ReferenceClassifier, repair
+from models.model import ReferenceAutoencoder, ReferenceClassifier
 from models.templates import TemplateSpec
 from simulator.run import simulate
 from stream.broker import EmbeddedBroker
@@ -44,6 +45,7 @@ from stream.state import PatientRegistry
 from stream.worker import Worker
 
 BATCH_SIZES = (1, 8, 32, 128, 256, 512, 1024)
+BENCH_PATIENTS = 1000  # patients in the full-worker backlog (40 beats each: full templates)
 
 
 def _rate(fn, beats: int, min_seconds: float) -> float:
@@ -75,7 +77,7 @@ def model_throughput(
         tensor = torch.from_numpy(beats)
 
         def shipped(beats=beats, missing=missing, lengths=lengths):
-            repair(engine.net, beats, missing, beats, lengths)
+            engine.repair(beats, missing, beats, lengths)
 
         def reference(tensor=tensor):
             with torch.inference_mode():
@@ -294,8 +296,12 @@ def run_benchmarks(cfg: Config, out: Path, quick: bool = False) -> dict:
             print("2. Kafka pass-through ceiling", flush=True)
             results["passthrough"] = passthrough_throughput(cfg, max(n, 2000), engine)
             print("3. full worker", flush=True)
-            rate, rss = worker_throughput(cfg, n, Path(tmp), "full")
+            patients = max(int(BENCH_PATIENTS * scale), 16)
+            rate, rss = worker_throughput(
+                cfg, 40 * patients, Path(tmp), "full", f"simulator.patients={patients}"
+            )
             results["worker"], results["worker_peak_rss_mb"] = rate, rss
+            results["worker_patients"], results["worker_beats"] = patients, 40 * patients
             print("4. naive worker", flush=True)
             results["naive"], _ = worker_throughput(
                 cfg,
@@ -371,7 +377,8 @@ def render(r: dict) -> str:
         f"| naive worker (one message at a time) | {r['naive']:,.0f} | full worker is "
         f"{r['worker'] / r['naive']:.1f}x faster |",
         "",
-        f"Worker peak RSS: {r['worker_peak_rss_mb']:.0f} MB",
+        f"Worker peak RSS: {r['worker_peak_rss_mb']:.0f} MB (full worker: "
+        f"{r.get('worker_patients', '?')} patients, {r.get('worker_beats', '?')} beats)",
         "",
         "| offered load (beats/s) | beats | p50 (ms) | p95 (ms) | p99 (ms) |",
         "|---:|---:|---:|---:|---:|",

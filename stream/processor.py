@@ -17,7 +17,7 @@ import torch
 
 import models
 from models.data import AAMI_CLASSES, BEAT_LEN
-from models.model import Repair, load_checkpoint, repair
+from models.model import EcgNet, Repair, load_checkpoint, repair, trace_repair
 from stream import messages
 from stream.config import Config
 from stream.messages import InvalidMessage, RawBeat
@@ -32,11 +32,15 @@ DEFAULT_CHECKPOINT = Path(models.__file__).parent / "weights" / "ecgnet-ds1.pt"
 
 @dataclass
 class Engine:
-    """The loaded model and what the stream needs to know about it."""
+    """The loaded model, its traced serving pass and what the stream needs to know about it."""
 
-    net: torch.nn.Module
+    net: EcgNet
     version: str
     threshold: float
+    runner: torch.jit.ScriptModule | None = None  # trace_repair(net); built by __post_init__
+
+    def __post_init__(self):
+        self.runner = self.runner or trace_repair(self.net)
 
     @classmethod
     def load(cls, checkpoint: str | Path = "", threads: int = 2) -> Engine:
@@ -46,10 +50,16 @@ class Engine:
         engine.warm_up()
         return engine
 
+    def repair(self, beats, missing, template, lengths) -> Repair:
+        """One pass of the served model over a batch (see `models.model.repair`)."""
+        return repair(self.runner, beats, missing, template, lengths)
+
     def warm_up(self) -> None:
-        """One throwaway pass, so the first real batch does not pay for lazy initialisation."""
+        """Throwaway passes, so the first real batches do not pay for lazy initialisation
+        (TorchScript optimises a graph on its first calls)."""
         beats = np.zeros((8, BEAT_LEN), np.float32)
-        repair(self.net, beats, np.zeros_like(beats, bool), beats, np.full(8, BEAT_LEN))
+        for _ in range(3):
+            self.repair(beats, np.zeros_like(beats, bool), beats, np.full(8, BEAT_LEN))
 
 
 @dataclass
@@ -121,15 +131,18 @@ class Processor:
                 accepted.append(self._admit(rec, out))
             except InvalidMessage as bad:
                 self._dead_letter(rec, bad, out)
-        todo = [a for a in accepted if not a.unrecoverable]
         inputs = None
-        if todo:
-            inputs = (
-                np.stack([a.admitted.padded for a in todo]),
-                np.stack([a.admitted.missing for a in todo]),
-                np.stack([a.admitted.template for a in todo]),
-                np.array([len(a.beat.samples) for a in todo]),
+        if accepted:
+            beats = np.stack([a.admitted.padded for a in accepted])
+            missing = np.stack([a.admitted.missing for a in accepted])
+            lengths = np.array([a.admitted.length for a in accepted])
+            # Every admitted beat joins its patient's history, unrecoverable ones included.
+            templates = self.registry.templates.advance(
+                [a.admitted.slot for a in accepted], beats, missing, lengths
             )
+            todo = [i for i, a in enumerate(accepted) if not a.unrecoverable]
+        if accepted and todo:
+            inputs = (beats[todo], missing[todo], templates[todo], lengths[todo])
             self.metrics.batch_size.observe(len(todo))
         self.metrics.patients.set(self.registry.patient_count())
         return Prepared(out, accepted, inputs, first)
@@ -140,7 +153,7 @@ class Processor:
         if batch.inputs is None:
             return None
         started = time.perf_counter()
-        result = repair(self.engine.net, *batch.inputs)
+        result = self.engine.repair(*batch.inputs)
         self.metrics.inference.observe(time.perf_counter() - started)
         return result
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.templates import MatchedTemplate, MeanTemplate, TemplateSpec
+from models.templates import TemplateSpec
 from stream.messages import InvalidMessage, RawBeat
 
 
@@ -19,15 +19,16 @@ from stream.messages import InvalidMessage, RawBeat
 class PatientState:
     last_seq: int
     last_timestamp: float
-    template: MeanTemplate | MatchedTemplate
+    slot: int  # the patient's previous beats in the registry's TemplateStore
 
 
 @dataclass
 class Admitted:
     lost: int  # beats never received before this one
-    template: np.ndarray  # (width,) the patient's template, NaN where unknown
+    slot: int  # the patient's template slot
     padded: np.ndarray  # (width,) the beat zero-padded to the model width
     missing: np.ndarray  # (width,) bool, padding counts as observed
+    length: int  # samples received (signal), before padding
 
 
 @dataclass
@@ -40,12 +41,15 @@ class PatientRegistry:
 
     def __init__(self, width: int, template: TemplateSpec):
         self.width = width
-        self.template = template
+        self.templates = template.store(width)
         self.partitions: dict[int, PartitionState] = {}
 
     def drop_partitions(self, partitions) -> int:
         """Forget the state of revoked partitions; returns how many had state."""
-        return sum(self.partitions.pop(p, None) is not None for p in partitions)
+        dropped = [self.partitions.pop(p, None) for p in partitions]
+        for state in filter(None, dropped):
+            self.templates.release([patient.slot for patient in state.patients.values()])
+        return sum(state is not None for state in dropped)
 
     def patient_count(self) -> int:
         return sum(len(s.patients) for s in self.partitions.values())
@@ -53,15 +57,16 @@ class PatientRegistry:
     def admit(self, partition: int, beat: RawBeat) -> Admitted:
         """Check a beat against its patient's history and register it.
 
-        Returns the beats lost before this one, the template to repair it with and the beat
-        padded to the model width. Raises InvalidMessage for a repeated/out-of-order sequence
-        number or a timestamp going back.
+        Returns the beats lost before this one, the patient's template slot and the beat
+        padded to the model width (`templates.advance` gives the templates of a batch).
+        Raises InvalidMessage for a repeated/out-of-order sequence number or a timestamp
+        going back.
         """
         patients = self.partitions.setdefault(partition, PartitionState()).patients
         state = patients.get(beat.patient_id)
         lost = 0
         if state is None:
-            state = PatientState(-1, -1.0, self.template.tracker(self.width))
+            state = PatientState(-1, -1.0, self.templates.add())
             patients[beat.patient_id] = state
         else:
             if beat.seq <= state.last_seq:
@@ -77,9 +82,8 @@ class PatientRegistry:
                 )
             lost = beat.seq - state.last_seq - 1
         padded, missing = pad(beat.samples, beat.missing, self.width)
-        template = state.template.advance(padded, missing, len(beat.samples))
         state.last_seq, state.last_timestamp = beat.seq, beat.timestamp
-        return Admitted(lost, template, padded, missing)
+        return Admitted(lost, state.slot, padded, missing, len(beat.samples))
 
 
 def pad(samples: np.ndarray, missing: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:

@@ -20,6 +20,7 @@ from models.model import (
     load_checkpoint,
     repair,
     save_checkpoint,
+    trace_repair,
 )
 from models.train import train
 
@@ -54,10 +55,46 @@ def test_stream_mean_template_matches_the_vectorised_one(record_100):
     beats = record_100.subset(np.arange(120))
     missing = masked(beats, seed=3)
     expected = T.running_templates(beats.samples, missing, beats.record, k=20)
-    tracker = T.TemplateSpec(beats=20).tracker(beats.samples.shape[1])
-    for i in range(len(beats)):
-        got = tracker.advance(beats.samples[i], missing[i], beats.length[i])
-        assert np.allclose(got, expected[i], atol=1e-5, equal_nan=True)
+    store = T.TemplateSpec(beats=20).store(beats.samples.shape[1])
+    slot = store.add()
+    for i in range(len(beats)):  # one beat at a time, as a worker may see them
+        got = store.advance([slot], beats.samples[i : i + 1], missing[i : i + 1], [180])
+        assert np.allclose(got[0], expected[i], atol=1e-5, equal_nan=True)
+
+
+def test_template_store_batches_agree_with_beat_by_beat(record_100):
+    """Batches that interleave patients and repeat one within a batch (as a worker's
+    micro-batches do) give the same templates as feeding the beats one at a time."""
+    beats = record_100.subset(np.arange(90))
+    missing = masked(beats, seed=5)
+    patient = np.arange(90) % 3  # three interleaved patients
+    spec = T.TemplateSpec(beats=10, matches=3)
+    one_by_one = spec.store(187)
+    slots = [one_by_one.add() for _ in range(3)]
+    expected = np.concatenate(
+        [
+            one_by_one.advance([slots[p]], beats.samples[i : i + 1], missing[i : i + 1], [150])
+            for i, p in enumerate(patient)
+        ]
+    )
+    batched = spec.store(187)
+    slots = [batched.add() for _ in range(3)]
+    got = np.concatenate(
+        [
+            batched.advance(
+                [slots[p] for p in patient[s : s + 16]],
+                beats.samples[s : s + 16],
+                missing[s : s + 16],
+                np.full(16, 150)[: len(patient[s : s + 16])],
+            )
+            for s in range(0, 90, 16)
+        ]
+    )
+    assert np.array_equal(got, expected, equal_nan=True)
+    batched.release([slots[0]])
+    assert batched.add() == slots[0]  # a freed slot is reused, with no history
+    fresh = batched.advance([slots[0]], beats.samples[:1], missing[:1], [150])
+    assert np.isnan(fresh).all()
 
 
 @pytest.mark.parametrize("spec", [T.TemplateSpec(), T.TemplateSpec(beats=40, matches=8)])
@@ -152,6 +189,16 @@ def test_repair_never_changes_an_observed_sample(checkpoint, record_100):
     assert not np.allclose(out.samples[missing], 0)  # gaps really are filled
     assert np.allclose(out.probabilities.sum(1), 1, atol=1e-5)
     assert (out.anomaly_score >= 0).all()
+    traced = trace_repair(net)  # what the worker serves: the same pass, any batch size
+    for rows in (slice(0, 1), slice(0, 7), slice(0, 512)):
+        served = repair(
+            traced, beats.samples[rows], missing[rows], template[rows], beats.length[rows]
+        )
+        observed = ~missing[rows]
+        assert np.array_equal(served.samples[observed], beats.samples[rows][observed])
+        assert np.allclose(served.samples, out.samples[rows], atol=1e-5)
+        assert np.allclose(served.probabilities, out.probabilities[rows], atol=1e-6)
+        assert np.allclose(served.anomaly_score, out.anomaly_score[rows], rtol=1e-5)
 
 
 def test_checkpoint_round_trip(tmp_path):
