@@ -114,7 +114,7 @@ class WorkerConfig:
     group_id: str = "ecg-stream-workers"
     worker_id: str = ""  # empty: hostname-pid
     max_batch: int = 256
-    max_wait_ms: int = 10
+    max_wait_ms: int = 1  # see defaults.yaml
     unrecoverable_fraction: float = 0.6  # more missing than this: unrecoverable, not invented
     max_message_bytes: int = 65536
     alert_classes: list[str] = field(default_factory=lambda: ["S", "V", "F", "Q"])

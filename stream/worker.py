@@ -27,6 +27,7 @@ SIGTERM/SIGINT end the loop after the batches in flight.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import socket
@@ -53,6 +54,7 @@ BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 ACK_WAIT_S = 5.0  # no acknowledgement for this long: a failed produce or commit (then retried)
 HEALTH_CHECK_S = 1.0  # how often an idle or polling worker checks its broker connections
 PIPELINE_DEPTH = 2  # batches prepared ahead of the one being published
+IDLE_POLL_MS = 10  # poll timeout with nothing pending (see poll_batch)
 
 
 class OffsetWentBackwards(RuntimeError):
@@ -101,6 +103,10 @@ class Worker:
             self.cfg.topics.raw,
             self.cfg.worker.group_id,
         )
+        # Everything alive now (torch, the model, the clients) is long-lived: frozen, the
+        # cyclic GC skips it, so a full collection takes ~6-10 ms instead of ~120 ms, which
+        # showed up as the latency p99 (measured at 1,000 beats/s).
+        gc.freeze()
         try:
             while not self.stop.is_set():
                 self.poll_batch()
@@ -129,7 +135,10 @@ class Worker:
             elif self.pending:
                 timeout_ms = max(1, int(remaining * 1000))
             else:
-                timeout_ms = 200  # idle: wait a little longer so the loop does not spin
+                # Idle. Kept short on purpose: kafka-python 3 can find no fetch in flight
+                # right after a response lands, and then sleeps min(timeout, 100 ms) before
+                # fetching again; with 200 ms that stall was the latency p99.
+                timeout_ms = IDLE_POLL_MS
             polled = self.consumer.poll(
                 timeout_ms=timeout_ms, max_records=w.max_batch - len(self.pending)
             )
