@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.interpolate import CubicSpline
 
 
 def zero_fill(beats: np.ndarray, missing: np.ndarray) -> np.ndarray:
@@ -46,6 +45,8 @@ def spline_fill(beats: np.ndarray, missing: np.ndarray) -> np.ndarray:
     Gaps before the first or after the last observed sample are held flat, as in
     `linear_fill`: a cubic extrapolated past the data diverges and measures nothing.
     """
+    from scipy.interpolate import CubicSpline  # here: the worker never loads scipy (40 MB)
+
     out = linear_fill(beats, missing)
     positions = np.arange(beats.shape[1])
     for i in np.flatnonzero(missing.any(1)):

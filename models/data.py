@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy.signal import resample_poly
 
 FS_RAW = 360
 FS_BEAT = 125
@@ -221,11 +220,18 @@ def segment_beats(signal_125: np.ndarray, peaks_125: np.ndarray) -> tuple[np.nda
     return out, lengths
 
 
+def to_beat_rate(signal: np.ndarray, fs: int) -> np.ndarray:
+    """Resample a signal from fs to FS_BEAT (polyphase, scipy)."""
+    from scipy.signal import resample_poly  # here: the stream worker never loads scipy
+
+    return resample_poly(signal, FS_BEAT, fs)
+
+
 def extract_beats(record: str, data_dir: Path, lead: str = "MLII") -> Beats:
     """All annotated beats of one MIT-BIH record as canonical beats."""
     signal, fs = read_lead(record, data_dir, lead)
     peaks, labels = read_beat_annotations(record, data_dir)
-    signal_125 = resample_poly(signal, FS_BEAT, fs)
+    signal_125 = to_beat_rate(signal, fs)
     peaks_125 = np.minimum(np.round(peaks * FS_BEAT / fs).astype(np.int64), len(signal_125) - 1)
     samples, lengths = segment_beats(signal_125, peaks_125)
     n = len(labels)
@@ -263,7 +269,7 @@ def read_noise(name: str, nstdb_dir: Path) -> np.ndarray:
     if name not in NOISE_RECORDS:
         raise ValueError(f"unknown noise record {name!r}; expected one of {NOISE_RECORDS}")
     signal, fs = read_lead(name, nstdb_dir, lead="noise1")
-    return resample_poly(signal, FS_BEAT, fs)
+    return to_beat_rate(signal, fs)
 
 
 # --------------------------------------------------------------------------- other formats

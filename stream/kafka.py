@@ -14,6 +14,7 @@ from pathlib import Path
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.partitioner.default import DefaultPartitioner
 
 from stream.config import ConfigError, KafkaConfig, TopicsConfig
 
@@ -58,10 +59,35 @@ def client_options(cfg: KafkaConfig) -> dict:
     return opts
 
 
+class CachedKeyPartitioner(DefaultPartitioner):
+    """The default partitioner (murmur2 of the key, as the Java client), remembering each
+    key's partition per topic and partition count. kafka-python hashes in pure Python and sorts
+    the partition list on every send; a worker sends the same few thousand patient keys."""
+
+    MAX_ENTRIES = 1_000_000  # then start over (a new partition count also starts over)
+
+    def __init__(self):
+        self.chosen: dict[tuple[str, bytes, int], int] = {}
+
+    def partition(self, topic, key, serialized_key, value, serialized_value, cluster):
+        partitions = cluster.partitions_for_topic(topic)
+        if serialized_key is None or not partitions:
+            return super().partition(topic, key, serialized_key, value, serialized_value, cluster)
+        entry = (topic, serialized_key, len(partitions))
+        chosen = self.chosen.get(entry)
+        if chosen is None:
+            if len(self.chosen) >= self.MAX_ENTRIES:
+                self.chosen.clear()
+            chosen = super().partition(topic, key, serialized_key, value, serialized_value, cluster)
+            self.chosen[entry] = chosen
+        return chosen
+
+
 def make_producer(cfg: KafkaConfig, **overrides) -> KafkaProducer:
     """An idempotent, acks=all producer with batching tuned for throughput."""
     opts = {
         **client_options(cfg),
+        "partitioner": CachedKeyPartitioner(),
         "acks": "all",
         "enable_idempotence": True,
         "linger_ms": cfg.linger_ms,

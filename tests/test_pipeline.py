@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from stream.evaluator import LiveEvaluator
-from stream.kafka import ensure_topics
+from stream.kafka import CachedKeyPartitioner, ensure_topics
 from stream.tail import tail
 from tests.helpers import (
     decode,
@@ -44,6 +44,38 @@ def mixed_dropout():
         "simulator.dropout.drop_prob=0.15",
         "simulator.dropout.lost_beat_prob=0.01",
     ]
+
+
+class _Cluster:
+    """The two ClusterMetadata calls a partitioner makes."""
+
+    def __init__(self, partitions: int):
+        self.partitions = set(range(partitions))
+
+    def topics(self):
+        return {"t"}
+
+    def partitions_for_topic(self, topic):
+        return self.partitions
+
+    def available_partitions_for_topic(self, topic):
+        return self.partitions
+
+
+def test_cached_partitioner_agrees_with_kafkas_default():
+    """Keys land where the Java client and kafka-python's default put them, also after the
+    topic gains partitions."""
+    from kafka.partitioner.default import DefaultPartitioner
+
+    cached, default = CachedKeyPartitioner(), DefaultPartitioner()
+    keys = [f"patient-{i}".encode() for i in range(300)]
+    for partitions in (6, 6, 12):
+        cluster = _Cluster(partitions)
+        for key in keys:
+            expected = default.partition("t", None, key, None, None, cluster)
+            assert cached.partition("t", None, key, None, None, cluster) == expected
+    assert len(cached.chosen) == 600  # two partition counts x 300 keys
+    assert cached.partition("t", None, None, None, None, _Cluster(6)) in range(6)
 
 
 def test_simulator_to_two_workers(pipeline_config, checkpoint, tmp_path, mixed_dropout):
