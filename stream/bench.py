@@ -7,7 +7,8 @@
 3. the full worker (a real `ecg-stream worker` process) end to end through the broker, with
    BENCH_PATIENTS patients, so that its per-patient state is in the memory figure;
 4. a naive worker: poll one, infer one, produce one, commit (max_batch = 1);
-5. end-to-end latency p50/p95/p99 at fixed offered loads to one worker;
+5. end-to-end latency p50/p95/p99 at fixed offered loads to one worker, next to the same load
+   through the broker alone (no worker), which the embedded broker makes grow as it fills;
 6. peak RSS of the worker process.
 
 Throughputs are measured on a backlog produced beforehand, from the first to the last
@@ -43,7 +44,7 @@ from stream.messages import decode_raw
 from stream.metrics import SimulatorMetrics, WorkerMetrics
 from stream.processor import Engine, Output, Prepared, batch_offsets
 from stream.state import PatientRegistry
-from stream.worker import Worker
+from stream.worker import IDLE_POLL_MS, Worker
 
 BATCH_SIZES = (1, 8, 32, 128, 256, 512, 1024)
 BENCH_PATIENTS = 1000  # patients in the full-worker backlog (40 beats each: full templates)
@@ -240,13 +241,43 @@ def latency_at(cfg: Config, offered: float, seconds: float, workdir: Path) -> di
         worker.stop()
     raw = _stamps(cfg, cfg.topics.raw)
     out = _stamps(cfg, cfg.topics.repaired)
-    lat = np.array([out[k] - raw[k] for k in raw if k in out], float)
+    return _percentiles(offered, [out[k] - raw[k] for k in raw if k in out])
+
+
+def broker_latency_at(cfg: Config, offered: float, seconds: float) -> dict:
+    """The same paced load with no worker: raw publish -> a plain consumer receiving it.
+    What the broker and the simulator's client add before any worker sees a beat."""
+    cfg = fresh(cfg, f"base{int(offered)}")
+    ensure_topics(cfg.kafka, cfg.topics)
+    consumer = make_consumer(cfg.kafka, None)
+    assign_all(consumer, cfg.topics.raw, from_beginning=False)
+    delays: list[float] = []
+    done = threading.Event()
+
+    def receive():
+        while not done.is_set():
+            for records in consumer.poll(timeout_ms=IDLE_POLL_MS).values():
+                now_ms = time.time() * 1000
+                delays.extend(now_ms - r.timestamp for r in records)
+
+    thread = threading.Thread(target=receive, daemon=True)
+    thread.start()
+    try:
+        sent = produce_backlog(cfg, int(offered * seconds), offered, cfg.kafka.linger_ms)
+        count_rate(lambda: len(delays), sent, 60)
+    finally:
+        done.set()
+        thread.join(timeout=10)
+        consumer.close()
+    return _percentiles(offered, delays)
+
+
+def _percentiles(offered: float, latencies_ms) -> dict:
+    lat = np.asarray(latencies_ms, float)
     return {
         "offered": offered,
         "beats": int(len(lat)),
-        "p50_ms": float(np.percentile(lat, 50)),
-        "p95_ms": float(np.percentile(lat, 95)),
-        "p99_ms": float(np.percentile(lat, 99)),
+        **{f"p{q}_ms": float(np.percentile(lat, q)) for q in (50, 95, 99)},
     }
 
 
@@ -313,9 +344,12 @@ def run_benchmarks(cfg: Config, out: Path, quick: bool = False) -> dict:
             )
         print("5. latency at fixed offered loads", flush=True)
         results["latency"] = []
+        results["broker_latency"] = []
         for load in (250, 1000) if quick else (250, 1000, 2000):
             with kafka_for(cfg) as kcfg:
                 results["latency"].append(latency_at(kcfg, load, 5 if quick else 20, Path(tmp)))
+            with kafka_for(cfg) as kcfg:
+                results["broker_latency"].append(broker_latency_at(kcfg, load, 5 if quick else 20))
     table = render(results)
     print(table)
     (out / "bench.json").write_text(json.dumps(results, indent=2))
@@ -392,13 +426,16 @@ def render(r: dict) -> str:
         f"Worker peak RSS: {r['worker_peak_rss_mb']:.0f} MB (full worker: "
         f"{r.get('worker_patients', '?')} patients, {r.get('worker_beats', '?')} beats)",
         "",
-        "| offered load (beats/s) | beats | p50 (ms) | p95 (ms) | p99 (ms) |",
-        "|---:|---:|---:|---:|---:|",
+        "| offered load (beats/s) | beats | p50 (ms) | p95 (ms) | p99 (ms) | broker alone, no "
+        "worker: p50 / p95 / p99 (ms) |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
-    for row in r["latency"]:
+    baselines = r.get("broker_latency") or [None] * len(r["latency"])
+    for row, base in zip(r["latency"], baselines):
+        alone = " / ".join(f"{base[f'p{q}_ms']:.1f}" for q in (50, 95, 99)) if base else ""
         lines.append(
             f"| {row['offered']:,.0f} | {row['beats']} | {row['p50_ms']:.1f} | "
-            f"{row['p95_ms']:.1f} | {row['p99_ms']:.1f} |"
+            f"{row['p95_ms']:.1f} | {row['p99_ms']:.1f} | {alone} |"
         )
     return "\n".join(lines) + "\n"
 
