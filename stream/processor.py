@@ -141,9 +141,9 @@ class Processor:
                 [a.admitted.slot for a in accepted], beats, missing, lengths
             )
             todo = [i for i, a in enumerate(accepted) if not a.unrecoverable]
-        if accepted and todo:
-            inputs = (beats[todo], missing[todo], templates[todo], lengths[todo])
-            self.metrics.batch_size.observe(len(todo))
+            if todo:
+                inputs = (beats[todo], missing[todo], templates[todo], lengths[todo])
+                self.metrics.batch_size.observe(len(todo))
         self.metrics.patients.set(self.registry.patient_count())
         return Prepared(out, accepted, inputs, first)
 
