@@ -95,6 +95,11 @@ def test_template_store_batches_agree_with_beat_by_beat(record_100):
     assert batched.add() == slots[0]  # a freed slot is reused, with no history
     fresh = batched.advance([slots[0]], beats.samples[:1], missing[:1], [150])
     assert np.isnan(fresh).all()
+    # Growing past the initial capacity keeps every patient's history.
+    before = batched.history[slots[1]].copy()
+    extra = [batched.add() for _ in range(40)]
+    assert len(set(extra) | set(slots)) == 43
+    assert np.array_equal(batched.history[slots[1]], before)
 
 
 @pytest.mark.parametrize("spec", [T.TemplateSpec(), T.TemplateSpec(beats=40, matches=8)])
