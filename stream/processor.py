@@ -22,7 +22,7 @@ from stream import messages
 from stream.config import Config
 from stream.messages import InvalidMessage, RawBeat
 from stream.metrics import WorkerMetrics
-from stream.state import Admitted, PatientRegistry
+from stream.state import Admitted, PatientRegistry, pad
 
 STATUSES = ("complete", "repaired", "unrecoverable")
 ALERT_TYPES = ("anomaly", "arrhythmia", "unrecoverable", "lost_beats")
@@ -37,10 +37,10 @@ class Engine:
     net: EcgNet
     version: str
     threshold: float
-    runner: torch.jit.ScriptModule | None = None  # trace_repair(net); built by __post_init__
+    runner: torch.jit.ScriptModule = field(init=False, repr=False)  # trace_repair(net)
 
     def __post_init__(self):
-        self.runner = self.runner or trace_repair(self.net)
+        self.runner = trace_repair(self.net)
 
     @classmethod
     def load(cls, checkpoint: str | Path = "", threads: int = 2) -> Engine:
@@ -133,9 +133,7 @@ class Processor:
                 self._dead_letter(rec, bad, out)
         inputs = None
         if accepted:
-            beats = np.stack([a.admitted.padded for a in accepted])
-            missing = np.stack([a.admitted.missing for a in accepted])
-            lengths = np.array([a.admitted.length for a in accepted])
+            beats, missing, lengths = pad([a.beat for a in accepted], self.registry.width)
             # Every admitted beat joins its patient's history, unrecoverable ones included.
             templates = self.registry.templates.advance(
                 [a.admitted.slot for a in accepted], beats, missing, lengths

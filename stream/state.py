@@ -26,9 +26,6 @@ class PatientState:
 class Admitted:
     lost: int  # beats never received before this one
     slot: int  # the patient's template slot
-    padded: np.ndarray  # (width,) the beat zero-padded to the model width
-    missing: np.ndarray  # (width,) bool, padding counts as observed
-    length: int  # samples received (signal), before padding
 
 
 @dataclass
@@ -57,8 +54,8 @@ class PatientRegistry:
     def admit(self, partition: int, beat: RawBeat) -> Admitted:
         """Check a beat against its patient's history and register it.
 
-        Returns the beats lost before this one, the patient's template slot and the beat
-        padded to the model width (`templates.advance` gives the templates of a batch).
+        Returns the beats lost before this one and the patient's template slot
+        (`templates.advance` gives the templates of a batch).
         Raises InvalidMessage for a repeated/out-of-order sequence number or a timestamp
         going back.
         """
@@ -81,15 +78,16 @@ class PatientRegistry:
                     f"{state.last_timestamp} of patient {beat.patient_id}",
                 )
             lost = beat.seq - state.last_seq - 1
-        padded, missing = pad(beat.samples, beat.missing, self.width)
         state.last_seq, state.last_timestamp = beat.seq, beat.timestamp
-        return Admitted(lost, state.slot, padded, missing, len(beat.samples))
+        return Admitted(lost, state.slot)
 
 
-def pad(samples: np.ndarray, missing: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Zero-pad a beat to the model width (padding counts as observed zeros)."""
-    out = np.zeros(width, np.float32)
-    out[: len(samples)] = samples
-    miss = np.zeros(width, bool)
-    miss[: len(missing)] = missing
-    return out, miss
+def pad(beats: list[RawBeat], width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A batch of beats zero-padded to the model width: samples (n, width) float32, missing
+    (n, width) bool (padding counts as observed) and the received lengths (n,)."""
+    samples = np.zeros((len(beats), width), np.float32)
+    missing = np.zeros((len(beats), width), bool)
+    lengths = np.array([len(b.samples) for b in beats])
+    for i, (beat, n) in enumerate(zip(beats, lengths)):
+        samples[i, :n], missing[i, :n] = beat.samples, beat.missing
+    return samples, missing, lengths
