@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from models.baselines import linear_fill_tensor
+from models.outputs import Repair
 from models.templates import TemplateSpec
 
 
@@ -104,15 +105,6 @@ class EcgNet(nn.Module):
         decoded, _ = self.decoder(z.unsqueeze(1).expand(-1, c.frames, -1).contiguous())
         recon = self.recon_head(decoded).flatten(1)[:, :width]
         return fill, logits, recon
-
-
-@dataclass
-class Repair:
-    """Outputs of one vectorised pass over a batch of beats."""
-
-    samples: np.ndarray  # (B, L) observed samples unchanged, missing ones filled
-    probabilities: np.ndarray  # (B, n_classes)
-    anomaly_score: np.ndarray  # (B,) reconstruction MSE over observed signal samples
 
 
 class RepairPass(nn.Module):

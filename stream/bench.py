@@ -39,10 +39,11 @@ from simulator.run import simulate
 from stream.broker import EmbeddedBroker
 from stream.config import Config, embedded_profile, load_config, set_value
 from stream.demo import scrape, spawn_worker, total
+from stream.engine import Engine
 from stream.kafka import assign_all, ensure_topics, make_consumer, make_producer
 from stream.messages import decode_raw
 from stream.metrics import SimulatorMetrics, WorkerMetrics
-from stream.processor import Engine, Output, Prepared, batch_offsets
+from stream.processor import Output, Prepared, batch_offsets
 from stream.state import PatientRegistry
 from stream.worker import IDLE_POLL_MS, Worker
 
@@ -199,10 +200,14 @@ class WorkerProcess:
             time.sleep(0.2)
         raise TimeoutError("worker did not get its partitions")
 
-    def peak_rss_mb(self) -> float:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        line = next(ln for ln in status.splitlines() if ln.startswith("VmHWM:"))
-        return int(line.split()[1]) / 1024
+    def peak_rss_mb(self) -> dict[str, float]:
+        """Peak RSS (VmHWM) of the worker process and of its model process, if it has one;
+        their sum (an upper bound: the two peaks need not coincide) is the worker's figure."""
+        pid = self.proc.pid
+        peaks = {"io": _peak_rss_mb(pid)}
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            peaks["model"] = _peak_rss_mb(int(child))  # the worker's only child
+        return peaks
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -212,10 +217,16 @@ class WorkerProcess:
             self.proc.kill()
 
 
+def _peak_rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    line = next(ln for ln in status.splitlines() if ln.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
 def worker_throughput(
     cfg: Config, beats: int, workdir: Path, tag: str, *overrides: str
-) -> tuple[float, float]:
-    """(beats/s, peak RSS MB) of one worker process draining a backlog."""
+) -> tuple[float, dict[str, float]]:
+    """(beats/s, peak RSS MB per process) of one worker draining a backlog."""
     cfg = fresh(cfg, tag, *overrides)
     ensure_topics(cfg.kafka, cfg.topics)
     sent = produce_backlog(cfg, beats)
@@ -331,7 +342,8 @@ def run_benchmarks(cfg: Config, out: Path, quick: bool = False) -> dict:
             rate, rss = worker_throughput(
                 kcfg, 40 * patients, Path(tmp), "full", f"simulator.patients={patients}"
             )
-            results["worker"], results["worker_peak_rss_mb"] = rate, rss
+            results["worker"], results["worker_peak_rss_mb"] = rate, sum(rss.values())
+            results["worker_peak_rss_by_process_mb"] = rss
             results["worker_patients"], results["worker_beats"] = patients, 40 * patients
             print("4. naive worker", flush=True)
             results["naive"], _ = worker_throughput(
@@ -423,8 +435,13 @@ def render(r: dict) -> str:
         f"| naive worker (one message at a time) | {r['naive']:,.0f} | full worker is "
         f"{r['worker'] / r['naive']:.1f}x faster |",
         "",
-        f"Worker peak RSS: {r['worker_peak_rss_mb']:.0f} MB (full worker: "
-        f"{r.get('worker_patients', '?')} patients, {r.get('worker_beats', '?')} beats)",
+        f"Worker peak RSS: {r['worker_peak_rss_mb']:.0f} MB ("
+        + " + ".join(
+            f"{name} process {mb:.0f} MB"
+            for name, mb in r.get("worker_peak_rss_by_process_mb", {}).items()
+        )
+        + f"; full worker: {r.get('worker_patients', '?')} patients, "
+        f"{r.get('worker_beats', '?')} beats)",
         "",
         "| offered load (beats/s) | beats | p50 (ms) | p95 (ms) | p99 (ms) | broker alone, no "
         "worker: p50 / p95 / p99 (ms) |",

@@ -171,12 +171,13 @@ def user_error(exc: Exception) -> str | None:
     from kafka.errors import KafkaTimeoutError
 
     from models.data import DataNotFoundError
-    from models.model import CheckpointError
     from stream.broker import BrokerError
+    from stream.model_process import ModelProcessError
 
-    if isinstance(
-        exc, ConfigError | DataNotFoundError | BrokerError | FileNotFoundError | CheckpointError
-    ):
+    known = [ConfigError, DataNotFoundError, BrokerError, FileNotFoundError, ModelProcessError]
+    if "models.model" in sys.modules:  # only then can a CheckpointError exist (no torch import)
+        known.append(sys.modules["models.model"].CheckpointError)
+    if isinstance(exc, tuple(known)):
         return str(exc)
     if isinstance(exc, KafkaTimeoutError) and "bootstrap" in str(exc):
         return f"no Kafka broker reachable ({exc})"
@@ -256,15 +257,27 @@ def cmd_simulate(cfg, args):
 def cmd_worker(cfg, args):
     from stream.kafka import ensure_topics
     from stream.metrics import WorkerMetrics, serve
-    from stream.processor import Engine
     from stream.worker import Worker
 
     _require_kafka(cfg)
-    engine = Engine.load(cfg.model.checkpoint, cfg.model.torch_threads)
-    ensure_topics(cfg.kafka, cfg.topics)
-    metrics = WorkerMetrics()
-    serve(metrics.registry, cfg.metrics.host, cfg.metrics.port)
-    Worker(cfg, engine, metrics, stop_on_signals()).run()
+    m = cfg.model
+    if m.separate_process:
+        from stream.model_process import ModelProcess
+
+        engine = ModelProcess(m.checkpoint, m.torch_threads)  # loads while topics are checked
+    else:
+        from stream.engine import Engine
+
+        engine = Engine.load(m.checkpoint, m.torch_threads)
+    try:
+        ensure_topics(cfg.kafka, cfg.topics)
+        if m.separate_process:
+            engine.wait_ready()
+        metrics = WorkerMetrics()
+        serve(metrics.registry, cfg.metrics.host, cfg.metrics.port)
+        Worker(cfg, engine, metrics, stop_on_signals()).run()
+    finally:
+        engine.close()
 
 
 def cmd_evaluate_live(cfg, args):

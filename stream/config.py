@@ -40,6 +40,7 @@ class ModelConfig:
     checkpoint: str = ""  # empty: the packaged models/weights/ecgnet-ds1.pt
     ecg5000_checkpoint: str = ""
     torch_threads: int = 1
+    separate_process: bool = True  # the worker runs the model in a child process
 
 
 @dataclass

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from models import data as D
 from stream.config import Config, resolve_data_dirs
-from stream.processor import DEFAULT_CHECKPOINT
+from stream.engine import DEFAULT_CHECKPOINT
 
 WEIGHTS = DEFAULT_CHECKPOINT.parent
 

@@ -10,14 +10,12 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-import models
 from models.data import AAMI_CLASSES, BEAT_LEN
-from models.model import EcgNet, Repair, load_checkpoint, repair, trace_repair
+from models.outputs import Repair
 from stream import messages
 from stream.config import Config
 from stream.messages import InvalidMessage, RawBeat
@@ -27,39 +25,10 @@ from stream.state import Admitted, PatientRegistry, pad
 STATUSES = ("complete", "repaired", "unrecoverable")
 ALERT_TYPES = ("anomaly", "arrhythmia", "unrecoverable", "lost_beats")
 IMPUTED_DECIMALS = 5  # an estimate: more digits would only suggest precision it lacks
-DEFAULT_CHECKPOINT = Path(models.__file__).parent / "weights" / "ecgnet-ds1.pt"
 
-
-@dataclass
-class Engine:
-    """The loaded model, its traced serving pass and what the stream needs to know about it."""
-
-    net: EcgNet
-    version: str
-    threshold: float
-    runner: torch.jit.ScriptModule = field(init=False, repr=False)  # trace_repair(net)
-
-    def __post_init__(self):
-        self.runner = trace_repair(self.net)
-
-    @classmethod
-    def load(cls, checkpoint: str | Path = "", threads: int = 2) -> Engine:
-        torch.set_num_threads(threads)
-        net, meta = load_checkpoint(checkpoint or DEFAULT_CHECKPOINT)
-        engine = cls(net, meta["version"], float(meta["anomaly_threshold"]))
-        engine.warm_up()
-        return engine
-
-    def repair(self, beats, missing, template, lengths) -> Repair:
-        """One pass of the served model over a batch (see `models.model.repair`)."""
-        return repair(self.runner, beats, missing, template, lengths)
-
-    def warm_up(self) -> None:
-        """Throwaway passes, so the first real batches do not pay for lazy initialisation
-        (TorchScript optimises a graph on its first calls)."""
-        beats = np.zeros((8, BEAT_LEN), np.float32)
-        for _ in range(3):
-            self.repair(beats, np.zeros_like(beats, bool), beats, np.full(8, BEAT_LEN))
+if TYPE_CHECKING:  # the worker's I/O process never imports torch
+    from stream.engine import Engine
+    from stream.model_process import ModelProcess
 
 
 @dataclass
@@ -106,12 +75,14 @@ def batch_offsets(records) -> tuple[dict, dict]:
 class Processor:
     """Stateful batch processor of one worker (state = its partitions' patients)."""
 
-    def __init__(self, cfg: Config, engine: Engine, metrics: WorkerMetrics, worker_id: str):
+    def __init__(
+        self, cfg: Config, engine: Engine | ModelProcess, metrics: WorkerMetrics, worker_id: str
+    ):
         self.cfg = cfg
         self.engine = engine
         self.metrics = metrics
         self.worker_id = worker_id
-        self.registry = PatientRegistry(BEAT_LEN, engine.net.config.template)
+        self.registry = PatientRegistry(BEAT_LEN, engine.template)
         metrics.model_info.labels(engine.version, f"{engine.threshold:.6g}").set(1)
         # Labelled children resolved once: labels() costs more than inc() on the hot path.
         self.produced = {s: metrics.produced.labels(s) for s in STATUSES}

@@ -4,16 +4,17 @@ Each micro-batch goes through:
 
 1. poll until `max_batch` records or `max_wait_ms` have passed;
 2. prepare: decode, validate, admit against patient state (dead letters out here);
-3. infer and complete: one model pass, then build the repaired beats and alerts, on the
-   inference thread;
-4. publish every message and flush the producer, retrying with backoff while the broker is
+3. infer: one model pass, on the inference thread (by default it hands the batch to the
+   model's own process, `stream.model_process`, and waits without holding the GIL);
+4. complete: build the repaired beats and alerts;
+5. publish every message and flush the producer, retrying with backoff while the broker is
    away (nothing is committed until this succeeds);
-5. commit the batch's offsets (at-least-once: a crash before this replays the batch, so
+6. commit the batch's offsets (at-least-once: a crash before this replays the batch, so
    subscribers de-duplicate by (patient_id, seq)).
 
-Batches are pipelined two deep: while batch k is in the model (torch releases the GIL) and
-its messages are built, the main thread publishes and commits batch k-1 and polls and
-prepares batch k+1, so on two cores Kafka I/O and the computation overlap. Batches finish
+Batches are pipelined two deep: while batch k is in the model, the main thread completes,
+publishes and commits batch k-1 and polls and prepares batch k+1, so on two cores Kafka I/O
+and the model overlap. Batches finish
 strictly in order, and a batch that cannot be published stops everything after it from being
 committed; counters move only once a batch is published.
 
@@ -35,6 +36,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from kafka import ConsumerRebalanceListener, OffsetAndMetadata, TopicPartition
 from kafka.errors import (
@@ -47,7 +49,11 @@ from kafka.errors import (
 from stream.config import Config
 from stream.kafka import make_consumer, make_producer, partition_lag
 from stream.metrics import WorkerMetrics
-from stream.processor import Engine, Output, Prepared, Processor
+from stream.processor import Output, Prepared, Processor
+
+if TYPE_CHECKING:
+    from stream.engine import Engine
+    from stream.model_process import ModelProcess
 
 log = logging.getLogger(__name__)
 BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
@@ -71,7 +77,7 @@ class Worker:
     def __init__(
         self,
         cfg: Config,
-        engine: Engine,
+        engine: Engine | ModelProcess,
         metrics: WorkerMetrics | None = None,
         stop: threading.Event | None = None,
     ):
@@ -154,16 +160,12 @@ class Worker:
         records, self.pending = self.pending, []
         records.sort(key=lambda r: (r.partition, r.offset))
         batch = self.processor.prepare(records)
-        self.in_flight.append((batch, self.inference.submit(self._compute, batch)))
-
-    def _compute(self, batch: Prepared) -> Output:
-        """On the inference thread: the model pass and the messages of a prepared batch."""
-        return self.processor.complete(batch, self.processor.infer(batch))
+        self.in_flight.append((batch, self.inference.submit(self.processor.infer, batch)))
 
     def finish_batch(self) -> None:
         """Publish and commit the oldest batch in flight, and count what it published."""
-        _, computed = self.in_flight.popleft()
-        output = computed.result()
+        batch, inferred = self.in_flight.popleft()
+        output = self.processor.complete(batch, inferred.result())
         started = time.perf_counter()
         if not self.publish(output):
             # Stopping while the broker is away: nothing of this batch or of the ones behind
@@ -357,15 +359,19 @@ class Worker:
 
     def close(self) -> None:
         """Finish what is in flight and pending, then leave the group and close the clients."""
-        if self.pending:
-            self.start_batch()
-        while self.in_flight:
-            self.finish_batch()
-        self.inference.shutdown()
         try:
-            self.consumer.close(autocommit=False)
+            if self.pending:
+                self.start_batch()
+            while self.in_flight:
+                self.finish_batch()
         finally:
-            self.producer.close(timeout=5)
+            # Also after a failure (the model process died): what was not committed is
+            # replayed by the partitions' next owner.
+            self.inference.shutdown(cancel_futures=True)
+            try:
+                self.consumer.close(autocommit=False)
+            finally:
+                self.producer.close(timeout=5)
         log.info("worker %s stopped after %d batches", self.worker_id, self.batches)
 
 

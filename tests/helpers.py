@@ -16,9 +16,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from stream.config import Config, as_dict
+from stream.engine import Engine
 from stream.kafka import assign_all, make_consumer
 from stream.metrics import WorkerMetrics
-from stream.processor import Engine
 from stream.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]

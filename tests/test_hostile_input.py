@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stream import messages
+from stream.engine import Engine
 from stream.kafka import ensure_topics, make_producer
 from stream.messages import InvalidMessage, decode_raw
-from stream.processor import Engine
 from tests.helpers import ThreadWorker, decode, read_topic
 
 LIMIT = 65536

@@ -1,0 +1,78 @@
+"""The model served from its own process: same answers as in-process, clear failures, and a
+worker I/O side that never loads torch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from models import masks
+from stream.engine import Engine
+from stream.model_process import ModelProcess, ModelProcessError
+
+
+def _batch(record_100, engine, n=64):
+    beats = record_100.subset(np.arange(n))
+    rng = np.random.default_rng(3)
+    missing = masks.mask_batch(masks.training_mask, rng, beats.length, beats.samples.shape[1])
+    template = engine.template.batch(beats.samples, missing, beats.length, beats.record)
+    return beats.samples, missing, template, beats.length
+
+
+def test_model_process_answers_like_the_in_process_engine(checkpoint, record_100):
+    local = Engine.load(checkpoint, threads=1)
+    with ModelProcess(checkpoint, threads=1) as remote:
+        remote.wait_ready()
+        assert (remote.version, remote.threshold) == (local.version, local.threshold)
+        assert remote.template == local.template
+        for n in (1, 64):
+            batch = _batch(record_100, local, n)
+            want, got = local.repair(*batch), remote.repair(*batch)
+            assert np.array_equal(got.samples, want.samples)
+            assert np.array_equal(got.probabilities, want.probabilities)
+            assert np.array_equal(got.anomaly_score, want.anomaly_score)
+            observed = ~batch[1]
+            assert np.array_equal(got.samples[observed], batch[0][observed])
+
+
+def test_a_bad_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        ModelProcess(tmp_path / "missing.pt")  # refused before any process starts
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with ModelProcess(bad) as remote, pytest.raises(ModelProcessError, match="cannot load"):
+        remote.wait_ready()
+
+
+def test_a_dead_model_process_stops_the_caller(checkpoint, record_100):
+    with ModelProcess(checkpoint) as remote:
+        remote.wait_ready()
+        batch = _batch(record_100, remote, 4)
+        remote.repair(*batch)
+        os.kill(remote.pid, signal.SIGKILL)
+        with pytest.raises(ModelProcessError, match="died"):
+            remote.repair(*batch)
+
+
+def test_the_model_process_ignores_ctrl_c_and_ends_with_its_pipe(checkpoint, record_100):
+    """SIGINT reaches the whole process group; the worker finishes its batches in flight,
+    so the model must outlive the signal and end only when the worker closes the pipe."""
+    remote = ModelProcess(checkpoint).wait_ready()
+    os.kill(remote.pid, signal.SIGINT)
+    assert remote.repair(*_batch(record_100, remote, 4)).samples.shape[0] == 4
+    remote.close()
+    assert remote._process.exitcode == 0
+
+
+def test_the_worker_io_side_never_imports_torch():
+    code = (
+        "import sys\n"
+        "import stream.cli, stream.worker, stream.processor, stream.model_process\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
