@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from models.baselines import linear_fill_tensor
-from models.outputs import Repair
+from models.batches import Repair
 from models.templates import TemplateSpec
 
 

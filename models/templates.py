@@ -39,11 +39,8 @@ class TemplateSpec:
         order within a group), exactly as the stream computes them."""
         if not self.matches:
             return running_templates(beats, missing, groups, self.beats)
-        store = self.store(beats.shape[1])
-        names, slots = np.unique(groups, return_inverse=True)
-        for _ in names:
-            store.add()
-        return store.advance(slots, beats, missing, lengths)
+        _, slots = np.unique(groups, return_inverse=True)
+        return self.store(beats.shape[1]).advance(slots, beats, missing, lengths)
 
 
 def running_templates(
@@ -80,29 +77,30 @@ class TemplateStore:
         self.width = width
         self.history = np.zeros((capacity, spec.beats, 2, width), np.float32)
         self.seen = np.zeros(capacity, np.int64)
-        self.free: list[int] = list(range(capacity - 1, -1, -1))
 
-    def add(self) -> int:
-        """A slot for a new patient (with no history)."""
-        if not self.free:
-            capacity = len(self.seen)
-            self.history = np.concatenate([self.history, np.zeros_like(self.history)])
-            self.seen = np.concatenate([self.seen, np.zeros_like(self.seen)])
-            self.free = list(range(2 * capacity - 1, capacity - 1, -1))
-        slot = self.free.pop()
-        self.seen[slot] = 0
-        return slot
+    def _fit(self, slots: int) -> None:
+        """Room for slot numbers below `slots` (capacity doubles: few copies)."""
+        capacity = len(self.seen)
+        if slots <= capacity:
+            return
+        while capacity < slots:
+            capacity *= 2
+        grown = np.zeros((capacity, *self.history.shape[1:]), np.float32)
+        grown[: len(self.seen)] = self.history
+        self.history = grown
+        self.seen = np.concatenate([self.seen, np.zeros(capacity - len(self.seen), np.int64)])
 
-    def release(self, slots) -> None:
-        """Forget patients; their slots are reused."""
-        self.free.extend(slots)
-
-    def advance(self, slots, beats: np.ndarray, missing: np.ndarray, lengths) -> np.ndarray:
+    def advance(
+        self, slots, beats: np.ndarray, missing: np.ndarray, lengths, fresh=()
+    ) -> np.ndarray:
         """The template of each beat from its slot's previous beats (earlier rows of the same
-        slot included), then remember the beats. Rows of one slot must be in time order."""
+        slot included), then remember the beats. Rows of one slot must be in time order.
+        `fresh` slots (a new patient's, possibly reused) forget their history first."""
         slots = np.asarray(slots, np.int64)
         if not len(slots):
             return np.empty((0, self.width), np.float32)
+        self._fit(int(slots.max()) + 1)
+        self.seen[np.asarray(fresh, np.int64)] = 0
         usable = ~missing
         if self.spec.matches:
             usable = usable & (np.arange(self.width) < np.asarray(lengths)[:, None])

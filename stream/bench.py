@@ -32,9 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.data import BEAT_LEN
 from models.model import ReferenceAutoencoder, ReferenceClassifier
-from models.templates import TemplateSpec
 from simulator.run import simulate
 from stream.broker import EmbeddedBroker
 from stream.config import Config, embedded_profile, load_config, set_value
@@ -106,7 +104,7 @@ class PassThrough:
     def __init__(self, cfg: Config, metrics: WorkerMetrics):
         self.cfg, self.metrics = cfg, metrics
         # Sequence checks only (the worker resets the registry on rebalances).
-        self.registry = PatientRegistry(BEAT_LEN, TemplateSpec(beats=1))
+        self.registry = PatientRegistry()
 
     def prepare(self, records) -> Prepared:
         offsets, first = batch_offsets(records)

@@ -1,4 +1,5 @@
-"""The model in this process: the loaded checkpoint and its traced serving pass."""
+"""The model in this process: the loaded checkpoint, its traced serving pass and the template
+history of the worker's patients."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import numpy as np
 import torch
 
 import models
+from models.batches import ModelBatch, Repair
 from models.data import BEAT_LEN
 from models.model import EcgNet, load_checkpoint, repair, trace_repair
-from models.outputs import Repair
-from models.templates import TemplateSpec
+from models.templates import TemplateSpec, TemplateStore
 
 DEFAULT_CHECKPOINT = Path(models.__file__).parent / "weights" / "ecgnet-ds1.pt"
 
@@ -20,15 +21,18 @@ DEFAULT_CHECKPOINT = Path(models.__file__).parent / "weights" / "ecgnet-ds1.pt"
 @dataclass
 class Engine:
     """The loaded model, its traced serving pass and what the stream needs to know about it.
-    `stream.model_process.ModelProcess` offers the same interface from a process of its own."""
+    `stream.model_process.ModelProcess` offers the same interface from a process of its own.
+    It keeps one worker's patient templates: one Engine per worker."""
 
     net: EcgNet
     version: str
     threshold: float
     runner: torch.jit.ScriptModule = field(init=False, repr=False)  # trace_repair(net)
+    templates: TemplateStore = field(init=False, repr=False)  # by slot (the worker's registry)
 
     def __post_init__(self):
         self.runner = trace_repair(self.net)
+        self.templates = self.template.store(BEAT_LEN)
 
     @classmethod
     def load(cls, checkpoint: str | Path = "", threads: int = 2) -> Engine:
@@ -42,6 +46,19 @@ class Engine:
     def template(self) -> TemplateSpec:
         """How the model wants each patient's template built from earlier beats."""
         return self.net.config.template
+
+    def serve(self, batch: ModelBatch) -> Repair | None:
+        """A worker's batch: every beat's template from its patient's earlier beats (then the
+        beat joins that history), and one pass over the recoverable rows (None if none)."""
+        templates = self.templates.advance(
+            batch.slots, batch.beats, batch.missing, batch.lengths, batch.fresh
+        )
+        rows = batch.recoverable
+        if not len(rows):
+            return None
+        return self.repair(
+            batch.beats[rows], batch.missing[rows], templates[rows], batch.lengths[rows]
+        )
 
     def repair(self, beats, missing, template, lengths) -> Repair:
         """One pass of the served model over a batch (see `models.model.repair`)."""

@@ -3,7 +3,8 @@
 A worker's Python side (kafka-python, decoding, templates, message building) and the model
 each need about one core at full load. In one process they share one interpreter lock, and
 the model pass waits for it at every hand-over; in two they run side by side on two cores.
-The worker sends each batch's arrays over a pipe and gets the pass's arrays back; only this
+The worker sends each batch's arrays over a pipe and gets the pass's arrays back; the child
+also keeps the patients' template history (the I/O side only numbers the slots). Only this
 child process imports torch, so the I/O process stays small.
 
 The child ignores SIGINT/SIGTERM (the worker finishes its batches in flight first, then
@@ -19,7 +20,7 @@ import signal
 import time
 from pathlib import Path
 
-from models.outputs import Repair
+from models.batches import ModelBatch, Repair
 from models.templates import TemplateSpec
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,8 @@ class ModelProcessError(RuntimeError):
 
 
 class ModelProcess:
-    """`stream.engine.Engine`'s interface (version, threshold, template, repair, close),
-    served by a child process. Use from one thread at a time."""
+    """`stream.engine.Engine`'s interface (version, threshold, template, serve, repair,
+    close), served by a child process. Use from one thread at a time."""
 
     def __init__(self, checkpoint: str | Path = "", threads: int = 1):
         if checkpoint and not Path(checkpoint).is_file():  # before a process is started
@@ -69,13 +70,21 @@ class ModelProcess:
     def pid(self) -> int | None:
         return self._process.pid
 
+    def serve(self, batch: ModelBatch) -> Repair | None:
+        """`Engine.serve` in the model process (which keeps the template history)."""
+        return self._call("serve", batch)
+
     def repair(self, beats, missing, template, lengths) -> Repair:
-        """One pass of the served model over a batch, in the model process."""
+        """`Engine.repair` (one pass, no templates kept) in the model process."""
+        return self._call("repair", (beats, missing, template, lengths))
+
+    def _call(self, method: str, payload):
         try:
-            self._conn.send((beats, missing, template, lengths))
+            self._conn.send((method, payload))
         except (BrokenPipeError, ConnectionResetError, EOFError) as exc:
             raise self._died() from exc
-        return Repair(*self._receive())
+        arrays = self._receive()
+        return None if arrays is None else Repair(*arrays)
 
     def _receive(self):
         try:
@@ -121,12 +130,14 @@ def serve(conn, checkpoint: str, threads: int) -> None:
     gc.freeze()  # the model is long-lived: keep it out of the cyclic collector's scans
     while True:
         try:
-            batch = conn.recv()
+            method, payload = conn.recv()
         except (EOFError, OSError):
             return  # the worker closed the pipe or died
         try:
-            result = engine.repair(*batch)
-        except Exception as exc:  # noqa: BLE001 - a bad batch fails that batch, not the model
+            result = engine.serve(payload) if method == "serve" else engine.repair(*payload)
+        except Exception as exc:  # noqa: BLE001 - reported; the worker stops with it
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
             continue
-        conn.send(("ok", (result.samples, result.probabilities, result.anomaly_score)))
+        if result is not None:
+            result = (result.samples, result.probabilities, result.anomaly_score)
+        conn.send(("ok", result))

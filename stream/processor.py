@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from models.batches import ModelBatch, Repair
 from models.data import AAMI_CLASSES, BEAT_LEN
-from models.outputs import Repair
 from stream import messages
 from stream.config import Config
 from stream.messages import InvalidMessage, RawBeat
@@ -56,7 +56,7 @@ class Prepared:
 
     out: Output  # dead letters and lost-beat alerts so far, and the batch's offsets
     accepted: list[_Accepted]
-    inputs: tuple | None  # (beats, missing, templates, lengths) of the recoverable beats
+    model_batch: ModelBatch | None  # every accepted beat (None: nothing accepted)
     first_offsets: dict[tuple[str, int], int]  # (topic, partition) -> first offset in the batch
 
 
@@ -82,7 +82,7 @@ class Processor:
         self.engine = engine
         self.metrics = metrics
         self.worker_id = worker_id
-        self.registry = PatientRegistry(BEAT_LEN, engine.template)
+        self.registry = PatientRegistry()
         metrics.model_info.labels(engine.version, f"{engine.threshold:.6g}").set(1)
         # Labelled children resolved once: labels() costs more than inc() on the hot path.
         self.produced = {s: metrics.produced.labels(s) for s in STATUSES}
@@ -102,27 +102,31 @@ class Processor:
                 accepted.append(self._admit(rec, out))
             except InvalidMessage as bad:
                 self._dead_letter(rec, bad, out)
-        inputs = None
+        model_batch = None
         if accepted:
-            beats, missing, lengths = pad([a.beat for a in accepted], self.registry.width)
-            # Every admitted beat joins its patient's history, unrecoverable ones included.
-            templates = self.registry.templates.advance(
-                [a.admitted.slot for a in accepted], beats, missing, lengths
+            beats, missing, lengths = pad([a.beat for a in accepted], BEAT_LEN)
+            recoverable = np.flatnonzero([not a.unrecoverable for a in accepted])
+            model_batch = ModelBatch(
+                slots=np.array([a.admitted.slot for a in accepted]),
+                fresh=[a.admitted.slot for a in accepted if a.admitted.new],
+                beats=beats,
+                missing=missing,
+                lengths=lengths,
+                recoverable=recoverable,
             )
-            todo = [i for i, a in enumerate(accepted) if not a.unrecoverable]
-            if todo:
-                inputs = (beats[todo], missing[todo], templates[todo], lengths[todo])
-                self.metrics.batch_size.observe(len(todo))
+            if len(recoverable):
+                self.metrics.batch_size.observe(len(recoverable))
         self.metrics.patients.set(self.registry.patient_count())
-        return Prepared(out, accepted, inputs, first)
+        return Prepared(out, accepted, model_batch, first)
 
     def infer(self, batch: Prepared) -> Repair | None:
-        """The one model pass of a prepared batch. Touches no state: safe to run in another
-        thread while the next batch is prepared."""
-        if batch.inputs is None:
+        """The model's side of a prepared batch: templates (every accepted beat joins its
+        patient's history) and one pass over the recoverable beats. Touches no state of this
+        object: runs on the inference thread while the next batch is prepared."""
+        if batch.model_batch is None:
             return None
         started = time.perf_counter()
-        result = self.engine.repair(*batch.inputs)
+        result = self.engine.serve(batch.model_batch)
         self.metrics.inference.observe(time.perf_counter() - started)
         return result
 

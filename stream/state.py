@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.templates import TemplateSpec
 from stream.messages import InvalidMessage, RawBeat
 
 
@@ -26,6 +25,7 @@ class PatientState:
 class Admitted:
     lost: int  # beats never received before this one
     slot: int  # the patient's template slot
+    new: bool  # the patient's first beat here: its slot's old history must be forgotten
 
 
 @dataclass
@@ -33,19 +33,37 @@ class PartitionState:
     patients: dict[str, PatientState] = field(default_factory=dict)
 
 
-class PatientRegistry:
-    """Sequence checks and running templates for the patients of the assigned partitions."""
+class SlotPool:
+    """Numbers for the patients' template slots: released numbers are reused first, so the
+    history store beside the model stays as large as the most patients held at once."""
 
-    def __init__(self, width: int, template: TemplateSpec):
-        self.width = width
-        self.templates = template.store(width)
+    def __init__(self):
+        self.free: list[int] = []
+        self.size = 0
+
+    def take(self) -> int:
+        if self.free:
+            return self.free.pop()
+        self.size += 1
+        return self.size - 1
+
+    def release(self, slots) -> None:
+        self.free.extend(slots)
+
+
+class PatientRegistry:
+    """Sequence checks and template slots for the patients of the assigned partitions (the
+    template history itself lives beside the model: `stream.engine.Engine.serve`)."""
+
+    def __init__(self):
+        self.slots = SlotPool()
         self.partitions: dict[int, PartitionState] = {}
 
     def drop_partitions(self, partitions) -> int:
         """Forget the state of revoked partitions; returns how many had state."""
         dropped = [self.partitions.pop(p, None) for p in partitions]
         for state in filter(None, dropped):
-            self.templates.release([patient.slot for patient in state.patients.values()])
+            self.slots.release([patient.slot for patient in state.patients.values()])
         return sum(state is not None for state in dropped)
 
     def patient_count(self) -> int:
@@ -54,16 +72,16 @@ class PatientRegistry:
     def admit(self, partition: int, beat: RawBeat) -> Admitted:
         """Check a beat against its patient's history and register it.
 
-        Returns the beats lost before this one and the patient's template slot
-        (`templates.advance` gives the templates of a batch).
+        Returns the beats lost before this one and the patient's template slot.
         Raises InvalidMessage for a repeated/out-of-order sequence number or a timestamp
         going back.
         """
         patients = self.partitions.setdefault(partition, PartitionState()).patients
         state = patients.get(beat.patient_id)
         lost = 0
-        if state is None:
-            state = PatientState(-1, -1.0, self.templates.add())
+        new = state is None
+        if new:
+            state = PatientState(-1, -1.0, self.slots.take())
             patients[beat.patient_id] = state
         else:
             if beat.seq <= state.last_seq:
@@ -79,7 +97,7 @@ class PatientRegistry:
                 )
             lost = beat.seq - state.last_seq - 1
         state.last_seq, state.last_timestamp = beat.seq, beat.timestamp
-        return Admitted(lost, state.slot)
+        return Admitted(lost, state.slot, new)
 
 
 def pad(beats: list[RawBeat], width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

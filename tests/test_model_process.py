@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from models import masks
+from models.batches import ModelBatch
 from stream.engine import Engine
 from stream.model_process import ModelProcess, ModelProcessError
 
@@ -38,6 +39,36 @@ def test_model_process_answers_like_the_in_process_engine(checkpoint, record_100
             assert np.array_equal(got.anomaly_score, want.anomaly_score)
             observed = ~batch[1]
             assert np.array_equal(got.samples[observed], batch[0][observed])
+
+
+def test_served_batches_keep_each_patients_history_beside_the_model(checkpoint, record_100):
+    """`serve` (templates + pass) gives the same results in both places, batch after batch;
+    unrecoverable rows join the history without a pass, and a fresh slot starts over."""
+    local = Engine.load(checkpoint, threads=1)
+    beats, missing, _, lengths = _batch(record_100, local, 48)
+    slots = np.arange(48) % 3  # three interleaved patients
+    with ModelProcess(checkpoint, threads=1) as remote:
+        remote.wait_ready()
+        for start, fresh in ((0, [0, 1, 2]), (16, []), (32, [1])):
+            rows = slice(start, start + 16)
+            batch = ModelBatch(
+                slots[rows], fresh, beats[rows], missing[rows], lengths[rows], np.arange(1, 16)
+            )
+            want, got = local.serve(batch), remote.serve(batch)
+            assert got.samples.shape[0] == 15
+            assert np.array_equal(got.samples, want.samples)
+            assert np.array_equal(got.probabilities, want.probabilities)
+        nothing = ModelBatch(slots[:1], [], beats[:1], missing[:1], lengths[:1], np.arange(0))
+        assert remote.serve(nothing) is None and local.serve(nothing) is None
+    # Fresh slot 1 forgot what came before the third batch: a next beat's template is the
+    # one a new store holding only the third batch's beats of slot 1 gives.
+    third = np.flatnonzero(slots == 1)
+    third = third[third >= 32]
+    alone = local.template.store(beats.shape[1])
+    alone.advance(np.zeros(len(third), int), beats[third], missing[third], lengths[third])
+    want = alone.advance([0], beats[:1], missing[:1], lengths[:1])
+    got = local.templates.advance([1], beats[:1], missing[:1], lengths[:1])
+    assert np.array_equal(got, want, equal_nan=True) and not np.isnan(got).all()
 
 
 def test_a_bad_checkpoint_is_a_clear_error(tmp_path):

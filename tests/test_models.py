@@ -56,7 +56,7 @@ def test_stream_mean_template_matches_the_vectorised_one(record_100):
     missing = masked(beats, seed=3)
     expected = T.running_templates(beats.samples, missing, beats.record, k=20)
     store = T.TemplateSpec(beats=20).store(beats.samples.shape[1])
-    slot = store.add()
+    slot = 5
     for i in range(len(beats)):  # one beat at a time, as a worker may see them
         got = store.advance([slot], beats.samples[i : i + 1], missing[i : i + 1], [180])
         assert np.allclose(got[0], expected[i], atol=1e-5, equal_nan=True)
@@ -70,7 +70,7 @@ def test_template_store_batches_agree_with_beat_by_beat(record_100):
     patient = np.arange(90) % 3  # three interleaved patients
     spec = T.TemplateSpec(beats=10, matches=3)
     one_by_one = spec.store(187)
-    slots = [one_by_one.add() for _ in range(3)]
+    slots = [0, 1, 2]
     expected = np.concatenate(
         [
             one_by_one.advance([slots[p]], beats.samples[i : i + 1], missing[i : i + 1], [150])
@@ -78,7 +78,6 @@ def test_template_store_batches_agree_with_beat_by_beat(record_100):
         ]
     )
     batched = spec.store(187)
-    slots = [batched.add() for _ in range(3)]
     got = np.concatenate(
         [
             batched.advance(
@@ -91,14 +90,13 @@ def test_template_store_batches_agree_with_beat_by_beat(record_100):
         ]
     )
     assert np.array_equal(got, expected, equal_nan=True)
-    batched.release([slots[0]])
-    assert batched.add() == slots[0]  # a freed slot is reused, with no history
-    fresh = batched.advance([slots[0]], beats.samples[:1], missing[:1], [150])
+    # A slot handed to a new patient forgets the old patient's history.
+    fresh = batched.advance([slots[0]], beats.samples[:1], missing[:1], [150], fresh=[slots[0]])
     assert np.isnan(fresh).all()
-    # Growing past the initial capacity keeps every patient's history.
+    # Growing past the initial capacity (16) keeps every patient's history.
     before = batched.history[slots[1]].copy()
-    extra = [batched.add() for _ in range(40)]
-    assert len(set(extra) | set(slots)) == 43
+    batched.advance([100], beats.samples[:1], missing[:1], [150], fresh=[100])
+    assert len(batched.seen) == 128
     assert np.array_equal(batched.history[slots[1]], before)
 
 

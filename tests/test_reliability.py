@@ -21,7 +21,6 @@ from types import SimpleNamespace
 import pytest
 from kafka.future import Future
 
-from models.templates import TemplateSpec
 from stream.broker import EmbeddedBroker, free_port, wait_for_port
 from stream.kafka import ensure_topics
 from tests.conftest import require, unique_topics_config
@@ -164,6 +163,25 @@ def test_acknowledgement_without_offset_is_sent_again():
     assert producer.sent == [b"a", b"a"] and publisher.acked == 1
 
 
+def test_a_revoked_partitions_template_slots_go_to_new_patients_fresh():
+    """The registry numbers the template slots (the history lives beside the model): a
+    revoked partition's slots are reused, and the model is told to forget their history."""
+    from stream.messages import RawBeat
+    from stream.state import PatientRegistry
+
+    def beat(patient, seq):
+        return RawBeat(patient, seq, float(seq + 1), None, None, None, None)
+
+    registry = PatientRegistry()
+    first = [registry.admit(p, beat(f"p{p}", 0)) for p in (0, 1)]
+    assert [(a.slot, a.new) for a in first] == [(0, True), (1, True)]
+    assert registry.admit(0, beat("p0", 1)).new is False
+    assert registry.drop_partitions([0, 5]) == 1
+    reused = registry.admit(2, beat("q", 0))
+    assert (reused.slot, reused.new) == (0, True)
+    assert registry.admit(1, beat("p1", 1)).slot == 1
+
+
 def test_revoked_partitions_drop_unpublished_records_and_rewind():
     """A rebalance while batches are collected and in the model: what is not published yet
     for the revoked partitions (pending records, prepared batches in flight, and the pending
@@ -182,7 +200,7 @@ def test_revoked_partitions_drop_unpublished_records_and_rewind():
     seeks = []
     worker = Worker.__new__(Worker)  # only the rebalance hook: no Kafka, no model
     worker.consumer = SimpleNamespace(seek=lambda tp, offset: seeks.append((tp, offset)))
-    worker.processor = SimpleNamespace(registry=PatientRegistry(187, TemplateSpec()))
+    worker.processor = SimpleNamespace(registry=PatientRegistry())
     worker.metrics, worker.committed = WorkerMetrics(), {("t", 0): 3, ("t", 1): 9, ("t", 2): 1}
 
     def record(partition, offset):
