@@ -98,7 +98,10 @@ class WorkerMetrics:
             "ecg_batch_size", "Beats per model batch", buckets=BATCH_SIZE_BUCKETS, registry=r
         )
         self.inference = Histogram(
-            "ecg_inference_seconds", "Model time per batch", buckets=LATENCY_BUCKETS, registry=r
+            "ecg_inference_seconds",
+            "Model time per batch (templates and the pass, in the model process, with the pipe)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_seconds = Histogram(
             "ecg_batch_seconds",

@@ -132,8 +132,8 @@ class Processor:
 
     def complete(self, batch: Prepared, result: Repair | None) -> Output:
         """Build the repaired-beat and alert messages of a prepared batch. Touches no patient
-        state: safe to run on the inference thread. Its counts go into `Output.counts`, for
-        the worker to add once the batch is published."""
+        state. Its counts go into `Output.counts`, for the worker to add once the batch is
+        published."""
         out = batch.out
         row = 0
         for a in batch.accepted:

@@ -343,7 +343,7 @@ def test_k8s_commands_ports_probes_and_annotations():
     assert spec["terminationGracePeriodSeconds"] >= 15, "worker drain takes up to 10 s"
     (container,) = spec["containers"]
     assert {"readinessProbe", "livenessProbe"} <= set(container)
-    assert container["resources"]["requests"] == {"cpu": "1", "memory": "600Mi"}
+    assert container["resources"]["requests"] == {"cpu": "1", "memory": "700Mi"}
     assert "replicas" not in worker["spec"], "KEDA owns the replica count"
     names = {e["name"] for e in container["env"]}
     assert "ECG_KAFKA_SASL_PASSWORD" in names
