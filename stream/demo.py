@@ -109,6 +109,7 @@ class Demo:
         self.stop = threading.Event()
         self.sim_metrics = SimulatorMetrics()
         self.evaluator = LiveEvaluator(cfg, EvaluatorMetrics(), self.stop)
+        self.evaluator_thread = threading.Thread(target=self.evaluator.run, daemon=True)
         self.sim_result = None
         self.synthetic = cfg.simulator.synthetic
 
@@ -176,7 +177,10 @@ class Demo:
         return {"families": [f for _, port in self.procs for f in scrape(port)]}
 
     def shutdown(self) -> None:
+        """Stop the evaluator and the workers (each leaves its group) before the broker goes."""
         self.stop.set()
+        if self.evaluator_thread.is_alive():
+            self.evaluator_thread.join(timeout=20)
         for proc, _ in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -216,7 +220,7 @@ def run_demo(cfg: Config, duration_s: float, workers: int, out: Path) -> None:
             eval_port = free_port()
             serve(demo.evaluator.metrics.registry, "127.0.0.1", eval_port)
             print(f"  live evaluator: metrics http://127.0.0.1:{eval_port}/metrics")
-            threading.Thread(target=demo.evaluator.run, daemon=True).start()
+            demo.evaluator_thread.start()
             demo.wait_until_ready()
             sim = threading.Thread(target=demo.run_simulator, daemon=True)
             started = time.monotonic()
