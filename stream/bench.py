@@ -199,12 +199,14 @@ class WorkerProcess:
         raise TimeoutError("worker did not get its partitions")
 
     def peak_rss_mb(self) -> dict[str, float]:
-        """Peak RSS (VmHWM) of the worker process and of its model process, if it has one;
-        their sum (an upper bound: the two peaks need not coincide) is the worker's figure."""
+        """Peak RSS (VmHWM) of the worker's processes: I/O, model and multiprocessing's
+        resource tracker. Their sum (an upper bound: the peaks need not coincide) is the
+        worker's figure."""
         pid = self.proc.pid
         peaks = {"io": _peak_rss_mb(pid)}
         for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-            peaks["model"] = _peak_rss_mb(int(child))  # the worker's only child
+            tracker = "resource_tracker" in Path(f"/proc/{child}/cmdline").read_text()
+            peaks["resource tracker" if tracker else "model"] = _peak_rss_mb(int(child))
         return peaks
 
     def stop(self) -> None:

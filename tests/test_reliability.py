@@ -7,6 +7,7 @@ repaired topic or the DLQ, and de-duplication by (patient_id, seq) leaves exactl
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import signal
@@ -297,6 +298,40 @@ def test_worker_kill_9_loses_nothing(pipeline_config, checkpoint, tmp_path):
 
 
 # --------------------------------------------------------------------------- graceful stop
+
+
+@pytest.mark.slow
+def test_a_dead_model_process_stops_its_worker_and_loses_nothing(
+    pipeline_config, checkpoint, tmp_path
+):
+    """kill -9 a worker's model process under load: the worker stops with a one-line error
+    (exit 2) instead of hanging, and its replacement repairs every beat."""
+    cfg = pipeline_config(
+        "simulator.patients=8", "simulator.rate=500", "simulator.beats=5000", ONE_THREAD
+    )
+    ensure_topics(cfg.kafka, cfg.topics)
+    workers = start_workers(cfg, tmp_path, ["w0"])
+    proc, port = workers["w0"]
+    try:
+        sim_thread, sim = in_thread(run_simulator, cfg)
+        deadline = time.monotonic() + 60
+        while metric_sum(scrape(port), "ecg_messages_consumed_total") < 500:
+            assert time.monotonic() < deadline, "the worker is not consuming"
+            time.sleep(0.2)
+        ready = re.search(r"ready in process (\d+)", (tmp_path / "w0.log").read_text())
+        os.kill(int(ready.group(1)), signal.SIGKILL)
+        assert proc.wait(timeout=30) == 2
+        log = (tmp_path / "w0.log").read_text()
+        errors = [line for line in log.splitlines() if "error:" in line]
+        assert errors == ["ecg-stream worker: error: the model process died (exit code -9)"], log
+        assert "Traceback" not in log
+        workers["w1"] = start_worker(cfg, tmp_path, "w1")
+        result = joined(sim_thread, sim, timeout_s=120)
+        raw = raw_keys(cfg, result.sent)
+        out = repaired_or_dead(cfg, raw, timeout_s=120)
+    finally:
+        stop_all([p for p, _ in workers.values()])
+    assert raw and not raw - out.keys()
 
 
 @pytest.mark.slow
