@@ -136,11 +136,15 @@ class Processor:
         published."""
         out = batch.out
         row = 0
+        if result is not None:  # Python floats once per batch, not numpy scalars per beat
+            probabilities, scores = result.probabilities.tolist(), result.anomaly_score.tolist()
         for a in batch.accepted:
             alerts: list[tuple[str, dict]] = []
-            recovered = None if a.unrecoverable else result
-            out.messages.append(self._message(a, recovered, row, alerts, out.counts))
-            row += not a.unrecoverable
+            recovered = None
+            if not a.unrecoverable:
+                recovered = (result.samples[row], probabilities[row], scores[row])
+                row += 1
+            out.messages.append(self._message(a, recovered, alerts, out.counts))
             for kind, detail in alerts:
                 self._alert(out, kind, a.beat, detail)
             out.sent_at.append(a.beat.sent_at or a.beat.timestamp)
@@ -173,8 +177,10 @@ class Processor:
         )
         out.messages.append((self.cfg.topics.dlq, rec.key, messages.dumps(letter)))
 
-    def _message(self, a: _Accepted, result, row: int, alerts: list, counts: Counter):
-        """The repaired-beat message of one accepted beat; its alerts go into `alerts`."""
+    def _message(self, a: _Accepted, recovered, alerts: list, counts: Counter):
+        """The repaired-beat message of one accepted beat; its alerts go into `alerts`.
+        `recovered`: the beat's (filled samples, class probabilities, anomaly score), or None
+        for an unrecoverable beat."""
         beat = a.beat
         n_missing = a.n_missing
         counts[self.metrics.samples_missing] += n_missing
@@ -191,7 +197,7 @@ class Processor:
             "received_partition": a.record.partition,
             "received_offset": a.record.offset,
         }
-        if result is None:
+        if recovered is None:
             status = "unrecoverable"
             body.update(
                 samples=beat.raw_values,
@@ -210,25 +216,22 @@ class Processor:
             )
         else:
             status = "repaired" if n_missing else "complete"
-            body.update(self._repaired_fields(beat, result, row, alerts, counts))
+            body.update(self._repaired_fields(beat, *recovered, alerts, counts))
         body["status"] = status
         body["processed_at"] = time.time()
         counts[self.produced[status]] += 1
         return (self.cfg.topics.repaired, beat.patient_id.encode(), messages.dumps(body))
 
     def _repaired_fields(
-        self, beat: RawBeat, result, row: int, alerts: list, counts: Counter
+        self, beat: RawBeat, filled, probs: list[float], score: float, alerts: list, counts: Counter
     ) -> dict:
-        n = len(beat.samples)
-        filled = result.samples[row, :n]
         samples = list(beat.raw_values)  # observed values exactly as received
         gaps = np.flatnonzero(beat.missing)
         for i, value in zip(gaps.tolist(), np.round(filled[gaps], IMPUTED_DECIMALS).tolist()):
             samples[i] = value
         counts[self.metrics.samples_imputed] += len(gaps)
-        probs = result.probabilities[row]
-        label = AAMI_CLASSES[int(probs.argmax())]
-        score = float(result.anomaly_score[row])
+        confidence = max(probs)
+        label = AAMI_CLASSES[probs.index(confidence)]
         flag = score > self.engine.threshold
         counts[self.classified[label]] += 1
         if flag:
@@ -240,15 +243,15 @@ class Processor:
                 )
             )
         w = self.cfg.worker
-        if label in w.alert_classes and probs.max() >= w.min_alert_probability:
-            alerts.append(("arrhythmia", {"beat_class": label, "probability": float(probs.max())}))
+        if label in w.alert_classes and confidence >= w.min_alert_probability:
+            alerts.append(("arrhythmia", {"beat_class": label, "probability": confidence}))
         return {
             "samples": samples,
-            "imputed_mask": beat.missing.astype(np.int8).tolist(),
+            "imputed_mask": beat.missing.view(np.int8),  # written by orjson as 0/1 integers
             "beat_class": {
                 "label": label,
-                "confidence": float(probs.max()),
-                "probabilities": {c: float(p) for c, p in zip(AAMI_CLASSES, probs)},
+                "confidence": confidence,
+                "probabilities": dict(zip(AAMI_CLASSES, probs)),
             },
             "anomaly": {"score": score, "threshold": self.engine.threshold, "flag": flag},
         }
