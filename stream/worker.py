@@ -21,7 +21,9 @@ committed; counters move only once a batch is published.
 On a rebalance the revoked partitions' records that were polled but not yet prepared are
 dropped (neither published nor committed: their next owner reads them again from the last
 commit), and so is their patient state; batches already in the pipeline finish, and their
-commit is refused if the partition moved (a replay by the new owner, never a loss).
+commit is refused if the partition moved (a replay by the new owner, never a loss). A
+newly assigned partition starts at max(fetch position, committed offset), so a member that
+missed generations does not replay what others published meanwhile.
 SIGTERM/SIGINT end the loop after the batches in flight.
 """
 
@@ -94,6 +96,7 @@ class Worker:
         self.in_flight: deque[tuple[Prepared, Future]] = deque()
         self.inference = ThreadPoolExecutor(1, thread_name_prefix="inference")
         self.committed: dict[tuple[str, int], int] = {}
+        self.unaligned: set[TopicPartition] = set()  # assigned, position not yet checked
         self.batches = 0
         self.health_at = 0.0
         self.disconnected_since: float | None = None
@@ -150,6 +153,8 @@ class Worker:
             )
             for records in polled.values():
                 self.pending.extend(records)
+            if self.unaligned:
+                self.align_positions()
             if not self.pending and not busy:
                 break
         self.update_lag()
@@ -318,11 +323,44 @@ class Worker:
         log.info("partitions revoked: %s", sorted(numbers))
 
     def on_assigned(self, partitions) -> None:
+        self.unaligned = set(partitions)  # checked by the main loop (no blocking calls here)
         self.metrics.partitions.set(len(self.consumer.assignment()))
         log.info(
             "partitions assigned: %s (patient state is rebuilt from the next beats)",
             sorted(tp.partition for tp in partitions),
         )
+
+    def align_positions(self) -> None:
+        """Start each newly assigned partition at max(fetch position, committed offset).
+
+        kafka-python keeps a partition's fetch position when the partition is in both its
+        old and new assignment, even if this member missed generations in between (the
+        embedded broker can leave a member out of the group for seconds) while another
+        member processed the partition and committed further. Resuming from the stale
+        position would publish all of that again. Records already polled from it are
+        dropped; a partition whose check fails is checked again after the next poll.
+        """
+        for tp in list(self.unaligned):
+            try:
+                if tp in self.consumer.assignment():
+                    committed = self.consumer.committed(tp, timeout_ms=int(ACK_WAIT_S * 1000))
+                    position = self.consumer.position(tp, timeout_ms=int(ACK_WAIT_S * 1000))
+                    if committed is not None and position is not None and position < committed:
+                        log.warning(
+                            "%s[%d]: position %d is behind the committed offset %d (another "
+                            "member got further); skipping ahead",
+                            tp.topic,
+                            tp.partition,
+                            position,
+                            committed,
+                        )
+                        self.consumer.seek(tp, committed)
+                        key = (tp.topic, tp.partition)
+                        self.pending = [r for r in self.pending if (r.topic, r.partition) != key]
+            except KafkaError as exc:
+                log.warning("cannot check the position of %s (%s); retrying", tp, exc)
+                continue
+            self.unaligned.discard(tp)
 
     def update_lag(self) -> None:
         try:

@@ -183,6 +183,41 @@ def test_a_revoked_partitions_template_slots_go_to_new_patients_fresh():
     assert registry.admit(1, beat("p1", 1)).slot == 1
 
 
+def test_a_member_that_missed_generations_skips_to_the_committed_offset():
+    """kafka-python keeps a partition's position across a rejoin even when other members
+    processed and committed it meanwhile: the worker moves ahead to the committed offset
+    (dropping what it already polled from the stale position), never back."""
+    from kafka import TopicPartition
+    from kafka.errors import KafkaTimeoutError
+
+    from stream.worker import Worker
+
+    behind, ahead, failing = (TopicPartition("t", p) for p in (0, 1, 2))
+    committed = {behind: 100, ahead: 50}
+    positions = {behind: 60, ahead: 70, failing: 5}
+    seeks = []
+
+    def committed_offset(tp, timeout_ms=None):
+        if tp == failing:
+            raise KafkaTimeoutError("no coordinator")
+        return committed[tp]
+
+    worker = Worker.__new__(Worker)  # only the alignment: a stand-in consumer
+    worker.consumer = SimpleNamespace(
+        assignment=lambda: {behind, ahead, failing},
+        committed=committed_offset,
+        position=lambda tp, timeout_ms=None: positions[tp],
+        seek=lambda tp, offset: seeks.append((tp, offset)),
+    )
+    kept = SimpleNamespace(topic="t", partition=1, offset=69)
+    worker.pending = [SimpleNamespace(topic="t", partition=0, offset=59), kept]
+    worker.unaligned = {behind, ahead, failing}
+    worker.align_positions()
+    assert seeks == [(behind, 100)]
+    assert worker.pending == [kept]
+    assert worker.unaligned == {failing}  # checked again after the next poll
+
+
 def test_revoked_partitions_drop_unpublished_records_and_rewind():
     """A rebalance while batches are collected and in the model: what is not published yet
     for the revoked partitions (pending records, prepared batches in flight, and the pending
@@ -280,13 +315,11 @@ def test_worker_kill_9_loses_nothing(pipeline_config, checkpoint, tmp_path):
     # uncommitted batch. Each kill also causes two rebalances (the victim's session expires,
     # the restarted worker joins); survivors commit their pending batch before giving up
     # partitions, and one whose commit is refused in a rebalance replays at most that one
-    # batch. So duplicates <= kills * max_batch * (1 + 2 * survivors). The embedded broker
-    # exceeded that once in eight runs on 2026-11-29 (4,007 against 3,840, nothing lost):
-    # its group coordinator sometimes leaves a member without partitions for seconds and
-    # runs extra generations when a restarted worker joins during a session expiry. Hence a
-    # 1.5x margin; the rebalance timeline is printed when it is exceeded.
+    # batch. So duplicates <= kills * max_batch * (1 + 2 * survivors). This holds because a
+    # member that missed generations does not resume a partition from its stale position
+    # (`Worker.align_positions`): before that, 2,002-4,007 duplicates turned up in some runs.
     batch = cfg.worker.max_batch
-    bound = int(1.5 * len(kills) * batch * (1 + 2 * (len(names) - 1)))
+    bound = len(kills) * batch * (1 + 2 * (len(names) - 1))
     print(
         f"worker crash: kills (worker, s, beats it had consumed) {kills}; beats sent "
         f"{result.sent}, raw topic {len(raw)} unique, "
