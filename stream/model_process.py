@@ -1,11 +1,11 @@
 """The model in a process of its own, beside the worker's Kafka I/O process.
 
-A worker's Python side (kafka-python, decoding, templates, message building) and the model
-each need about one core at full load. In one process they share one interpreter lock, and
-the model pass waits for it at every hand-over; in two they run side by side on two cores.
-The worker sends each batch's arrays over a pipe and gets the pass's arrays back; the child
-also keeps the patients' template history (the I/O side only numbers the slots). Only this
-child process imports torch, so the I/O process stays small.
+A worker's Python side (kafka-python, decoding, message building) and the model (with the
+patients' templates) each need about one core at full load. In one process they share one
+interpreter lock, and the model pass waits for it at every hand-over; in two they run side by
+side on two cores. The worker sends each batch's arrays over a pipe and gets the pass's arrays
+back; the child also keeps the patients' template history (the I/O side only numbers the
+slots). Only this child process imports torch, so the I/O process stays small.
 
 The child ignores SIGINT/SIGTERM (the worker finishes its batches in flight first, then
 closes the pipe) and exits when the pipe closes, so it never outlives its worker.
@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 from models.batches import ModelBatch, Repair
-from models.templates import TemplateSpec
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 300.0  # importing torch and tracing the model on a slow, busy node
@@ -34,8 +33,8 @@ class ModelProcessError(RuntimeError):
 
 
 class ModelProcess:
-    """`stream.engine.Engine`'s interface (version, threshold, template, serve, repair,
-    close), served by a child process. Use from one thread at a time."""
+    """What a worker uses of `stream.engine.Engine` (version, threshold, serve, close),
+    served by a child process. Use from one thread at a time."""
 
     def __init__(self, checkpoint: str | Path = "", threads: int = 1):
         if checkpoint and not Path(checkpoint).is_file():  # before a process is started
@@ -47,9 +46,8 @@ class ModelProcess:
         )
         self._process.start()
         child_end.close()
-        self.version = ""
+        self.version = ""  # both known after wait_ready()
         self.threshold = 0.0
-        self.template: TemplateSpec | None = None
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> ModelProcess:
         """Block until the model is loaded and warmed up; raises ModelProcessError if not."""
@@ -57,7 +55,7 @@ class ModelProcess:
         if not self._conn.poll(timeout_s):
             self.close()
             raise ModelProcessError(f"the model process did not start within {timeout_s:.0f} s")
-        self.version, self.threshold, self.template = self._receive()
+        self.version, self.threshold = self._receive()
         log.info(
             "model %s ready in process %d after %.1f s",
             self.version,
@@ -72,15 +70,8 @@ class ModelProcess:
 
     def serve(self, batch: ModelBatch) -> Repair | None:
         """`Engine.serve` in the model process (which keeps the template history)."""
-        return self._call("serve", batch)
-
-    def repair(self, beats, missing, template, lengths) -> Repair:
-        """`Engine.repair` (one pass, no templates kept) in the model process."""
-        return self._call("repair", (beats, missing, template, lengths))
-
-    def _call(self, method: str, payload):
         try:
-            self._conn.send((method, payload))
+            self._conn.send(batch)
         except (BrokenPipeError, ConnectionResetError, EOFError) as exc:
             raise self._died() from exc
         arrays = self._receive()
@@ -126,15 +117,15 @@ def serve(conn, checkpoint: str, threads: int) -> None:
         why = " ".join(str(exc).split())[:300]  # one line for the worker's error message
         conn.send(("error", f"cannot load the model: {type(exc).__name__}: {why}"))
         return
-    conn.send(("ready", (engine.version, engine.threshold, engine.template)))
+    conn.send(("ready", (engine.version, engine.threshold)))
     gc.freeze()  # the model is long-lived: keep it out of the cyclic collector's scans
     while True:
         try:
-            method, payload = conn.recv()
+            batch = conn.recv()
         except (EOFError, OSError):
             return  # the worker closed the pipe or died
         try:
-            result = engine.serve(payload) if method == "serve" else engine.repair(*payload)
+            result = engine.serve(batch)
         except Exception as exc:  # noqa: BLE001 - reported; the worker stops with it
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
             continue

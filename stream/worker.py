@@ -14,9 +14,8 @@ Each micro-batch goes through:
 
 Batches are pipelined two deep: while batch k is in the model, the main thread completes,
 publishes and commits batch k-1 and polls and prepares batch k+1, so on two cores Kafka I/O
-and the model overlap. Batches finish
-strictly in order, and a batch that cannot be published stops everything after it from being
-committed; counters move only once a batch is published.
+and the model overlap. Batches finish strictly in order, and a batch that cannot be published
+stops everything after it from being committed; counters move only once a batch is published.
 
 On a rebalance the revoked partitions' records that were polled but not yet prepared are
 dropped (neither published nor committed: their next owner reads them again from the last
@@ -340,27 +339,31 @@ class Worker:
         position would publish all of that again. Records already polled from it are
         dropped; a partition whose check fails is checked again after the next poll.
         """
+        wait_ms = int(ACK_WAIT_S * 1000)
         for tp in list(self.unaligned):
+            if tp not in self.consumer.assignment():
+                self.unaligned.discard(tp)
+                continue
             try:
-                if tp in self.consumer.assignment():
-                    committed = self.consumer.committed(tp, timeout_ms=int(ACK_WAIT_S * 1000))
-                    position = self.consumer.position(tp, timeout_ms=int(ACK_WAIT_S * 1000))
-                    if committed is not None and position is not None and position < committed:
-                        log.warning(
-                            "%s[%d]: position %d is behind the committed offset %d (another "
-                            "member got further); skipping ahead",
-                            tp.topic,
-                            tp.partition,
-                            position,
-                            committed,
-                        )
-                        self.consumer.seek(tp, committed)
-                        key = (tp.topic, tp.partition)
-                        self.pending = [r for r in self.pending if (r.topic, r.partition) != key]
+                committed = self.consumer.committed(tp, timeout_ms=wait_ms)
+                position = self.consumer.position(tp, timeout_ms=wait_ms)
             except KafkaError as exc:
                 log.warning("cannot check the position of %s (%s); retrying", tp, exc)
                 continue
             self.unaligned.discard(tp)
+            if committed is None or position is None or position >= committed:
+                continue
+            log.warning(
+                "%s[%d]: position %d is behind the committed offset %d (another member got "
+                "further); skipping ahead",
+                tp.topic,
+                tp.partition,
+                position,
+                committed,
+            )
+            self.consumer.seek(tp, committed)
+            key = (tp.topic, tp.partition)
+            self.pending = [r for r in self.pending if (r.topic, r.partition) != key]
 
     def update_lag(self) -> None:
         try:

@@ -17,12 +17,13 @@ from stream.engine import Engine
 from stream.model_process import ModelProcess, ModelProcessError
 
 
-def _batch(record_100, engine, n=64):
+def _batch(record_100, n=64) -> ModelBatch:
+    """n beats of record 100 with gaps, each the first beat of a new patient."""
     beats = record_100.subset(np.arange(n))
     rng = np.random.default_rng(3)
     missing = masks.mask_batch(masks.training_mask, rng, beats.length, beats.samples.shape[1])
-    template = engine.template.batch(beats.samples, missing, beats.length, beats.record)
-    return beats.samples, missing, template, beats.length
+    slots = np.arange(n)
+    return ModelBatch(slots, slots.tolist(), beats.samples, missing, beats.length, slots)
 
 
 def test_model_process_answers_like_the_in_process_engine(checkpoint, record_100):
@@ -30,22 +31,22 @@ def test_model_process_answers_like_the_in_process_engine(checkpoint, record_100
     with ModelProcess(checkpoint, threads=1) as remote:
         remote.wait_ready()
         assert (remote.version, remote.threshold) == (local.version, local.threshold)
-        assert remote.template == local.template
         for n in (1, 64):
-            batch = _batch(record_100, local, n)
-            want, got = local.repair(*batch), remote.repair(*batch)
+            batch = _batch(record_100, n)
+            want, got = local.serve(batch), remote.serve(batch)
             assert np.array_equal(got.samples, want.samples)
             assert np.array_equal(got.probabilities, want.probabilities)
             assert np.array_equal(got.anomaly_score, want.anomaly_score)
-            observed = ~batch[1]
-            assert np.array_equal(got.samples[observed], batch[0][observed])
+            observed = ~batch.missing
+            assert np.array_equal(got.samples[observed], batch.beats[observed])
 
 
 def test_served_batches_keep_each_patients_history_beside_the_model(checkpoint, record_100):
     """`serve` (templates + pass) gives the same results in both places, batch after batch;
     unrecoverable rows join the history without a pass, and a fresh slot starts over."""
     local = Engine.load(checkpoint, threads=1)
-    beats, missing, _, lengths = _batch(record_100, local, 48)
+    first = _batch(record_100, 48)
+    beats, missing, lengths = first.beats, first.missing, first.lengths
     slots = np.arange(48) % 3  # three interleaved patients
     with ModelProcess(checkpoint, threads=1) as remote:
         remote.wait_ready()
@@ -83,11 +84,11 @@ def test_a_bad_checkpoint_is_a_clear_error(tmp_path):
 def test_a_dead_model_process_stops_the_caller(checkpoint, record_100):
     with ModelProcess(checkpoint) as remote:
         remote.wait_ready()
-        batch = _batch(record_100, remote, 4)
-        remote.repair(*batch)
+        batch = _batch(record_100, 4)
+        remote.serve(batch)
         os.kill(remote.pid, signal.SIGKILL)
         with pytest.raises(ModelProcessError, match="died"):
-            remote.repair(*batch)
+            remote.serve(batch)
 
 
 def test_the_model_process_ignores_ctrl_c_and_ends_with_its_pipe(checkpoint, record_100):
@@ -95,7 +96,7 @@ def test_the_model_process_ignores_ctrl_c_and_ends_with_its_pipe(checkpoint, rec
     so the model must outlive the signal and end only when the worker closes the pipe."""
     remote = ModelProcess(checkpoint).wait_ready()
     os.kill(remote.pid, signal.SIGINT)
-    assert remote.repair(*_batch(record_100, remote, 4)).samples.shape[0] == 4
+    assert remote.serve(_batch(record_100, 4)).samples.shape[0] == 4
     remote.close()
     assert remote._process.exitcode == 0
 
