@@ -30,3 +30,4 @@ class Repair:
     samples: np.ndarray  # (B, L) observed samples unchanged, missing ones filled
     probabilities: np.ndarray  # (B, n_classes)
     anomaly_score: np.ndarray  # (B,) reconstruction MSE over observed signal samples
+    seconds: float = 0.0  # model time of the batch it answers (templates and the pass)

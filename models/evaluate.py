@@ -212,8 +212,8 @@ def batched_repair(net, beats: D.Beats, missing, template, desc: str, progress: 
         )
         for s in tqdm(range(0, len(beats), BATCH), desc=desc, disable=not progress, leave=False)
     ]
-    fields = [f.name for f in dataclasses.fields(Repair)]
-    return Repair(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
+    arrays = ("samples", "probabilities", "anomaly_score")
+    return Repair(*(np.concatenate([getattr(p, f) for p in parts]) for f in arrays))
 
 
 def masked_run(net, beats: D.Beats, rows, mask_fn, rng, desc: str, progress: bool) -> Run:

@@ -75,7 +75,8 @@ class TemplateStore:
     def __init__(self, spec: TemplateSpec, width: int, capacity: int = 16):
         self.spec = spec
         self.width = width
-        self.history = np.zeros((capacity, spec.beats, 2, width), np.float32)
+        # per slot: the observed flags of its last k beats, then their values (contiguous)
+        self.history = np.zeros((capacity, 2, spec.beats, width), np.float32)
         self.seen = np.zeros(capacity, np.int64)
 
     def _fit(self, slots: int) -> None:
@@ -113,28 +114,28 @@ class TemplateStore:
         for rows in _rounds(slots):
             ids = slots[rows]
             out[rows] = self._templates(ids, current[rows])
-            self.history[ids, self.seen[ids] % k] = current[rows, :2]
+            self.history[ids, :, self.seen[ids] % k] = current[rows, :2]
             self.seen[ids] += 1
         return out
 
     def _templates(self, slots: np.ndarray, current: np.ndarray) -> np.ndarray:
         """Templates for distinct slots; current: (n, 3, width) flags, values, squares."""
         n, k = len(slots), self.spec.beats
-        history = self.history[slots]  # (n, k, 2, width)
-        flags, values = history[:, :, 0], history[:, :, 1]
+        history = self.history[slots]  # (n, 2, k, width)
+        flags, values = history[:, 0], history[:, 1]
         valid = np.arange(k) < np.minimum(self.seen[slots], k)[:, None]
         offset = np.zeros((n, k), np.float32)
         chosen = valid
         if self.spec.matches:
-            # sums[i, j, a, b]: over the samples both observed, term a (flag, value) of
+            # sums[i, a, j, b]: over the samples both observed, term a (flag, value) of
             # previous beat j times term b (flag, value, value**2) of beat i.
-            sums = (history.reshape(n, 2 * k, -1) @ current.transpose(0, 2, 1)).reshape(n, k, 2, 3)
-            count = np.maximum(sums[..., 0, 0], 1)
-            offset = (sums[..., 0, 1] - sums[..., 1, 0]) / count
-            eligible = valid & (sums[..., 0, 0] >= MIN_OVERLAP)
+            sums = (history.reshape(n, 2 * k, -1) @ current.transpose(0, 2, 1)).reshape(n, 2, k, 3)
+            count = np.maximum(sums[:, 0, :, 0], 1)
+            offset = (sums[:, 0, :, 1] - sums[:, 1, :, 0]) / count
+            eligible = valid & (sums[:, 0, :, 0] >= MIN_OVERLAP)
             # sum of (x - x_j)**2 over the overlap, then its mean after removing the offset
             prev_squares = ((values * values) @ current[:, 0, :, None])[..., 0]
-            squared = sums[..., 0, 2] - 2 * sums[..., 1, 1] + prev_squares
+            squared = sums[:, 0, :, 2] - 2 * sums[:, 1, :, 1] + prev_squares
             distance = np.where(eligible, squared / count - offset**2, np.inf)
             m = min(self.spec.matches, k)
             best = np.argpartition(distance, m - 1, axis=1)[:, :m]

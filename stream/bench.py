@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ from stream.engine import Engine
 from stream.kafka import assign_all, ensure_topics, make_consumer, make_producer
 from stream.messages import decode_raw
 from stream.metrics import SimulatorMetrics, WorkerMetrics
-from stream.processor import Output, Prepared, batch_offsets
+from stream.processor import Output, Prepared, batch_offsets, resolved
 from stream.state import PatientRegistry
 from stream.worker import IDLE_POLL_MS, Worker
 
@@ -116,8 +117,8 @@ class PassThrough:
             out.sent_at.append(time.time())
         return Prepared(out, [], None, first)
 
-    def infer(self, batch: Prepared) -> None:
-        return None
+    def submit(self, batch: Prepared) -> Future:
+        return resolved(None)
 
     def complete(self, batch: Prepared, result: None) -> Output:
         return batch.out

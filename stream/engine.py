@@ -3,6 +3,8 @@ history of the worker's patients."""
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,7 @@ class Engine:
     threshold: float
     runner: torch.jit.ScriptModule = field(init=False, repr=False)  # trace_repair(net)
     templates: TemplateStore = field(init=False, repr=False)  # by slot (the worker's registry)
+    executor: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         self.runner = trace_repair(self.net)
@@ -50,15 +53,25 @@ class Engine:
     def serve(self, batch: ModelBatch) -> Repair | None:
         """A worker's batch: every beat's template from its patient's earlier beats (then the
         beat joins that history), and one pass over the recoverable rows (None if none)."""
+        started = time.perf_counter()
         templates = self.templates.advance(
             batch.slots, batch.beats, batch.missing, batch.lengths, batch.fresh
         )
         rows = batch.recoverable
         if not len(rows):
             return None
-        return self.repair(
+        result = self.repair(
             batch.beats[rows], batch.missing[rows], templates[rows], batch.lengths[rows]
         )
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def submit(self, batch: ModelBatch) -> Future:
+        """`serve` on this engine's inference thread (batches run one at a time, in order),
+        so the caller prepares the next batch meanwhile."""
+        if self.executor is None:
+            self.executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
+        return self.executor.submit(self.serve, batch)
 
     def repair(self, beats, missing, template, lengths) -> Repair:
         """One pass of the served model over a batch (see `models.model.repair`)."""
@@ -72,4 +85,7 @@ class Engine:
             self.repair(beats, np.zeros_like(beats, bool), beats, np.full(8, BEAT_LEN))
 
     def close(self) -> None:
-        """Nothing to release in-process (symmetry with ModelProcess)."""
+        """Stop the inference thread (batches not started yet are dropped)."""
+        if self.executor is not None:
+            self.executor.shutdown(cancel_futures=True)
+            self.executor = None

@@ -3,9 +3,16 @@
 A worker's Python side (kafka-python, decoding, message building) and the model (with the
 patients' templates) each need about one core at full load. In one process they share one
 interpreter lock, and the model pass waits for it at every hand-over; in two they run side by
-side on two cores. The worker sends each batch's arrays over a pipe and gets the pass's arrays
-back; the child also keeps the patients' template history (the I/O side only numbers the
-slots). Only this child process imports torch, so the I/O process stays small.
+side on two cores. The worker sends each batch's arrays down one pipe and gets the pass's
+arrays back on another; the child also keeps the patients' template history (the I/O side
+only numbers the slots). Only this child process imports torch, so the I/O process stays
+small.
+
+Batches are pipelined: the worker hands over the next batch while the model computes the
+current one. A reader thread in the child takes each batch off the pipe as it arrives and a
+sender thread writes the results back, so the model never waits for the worker's interpreter
+lock between batches, and the worker never blocks on a busy model. Results come back in
+submission order.
 
 The child ignores SIGINT/SIGTERM (the worker finishes its batches in flight first, then
 closes the pipe) and exits when the pipe closes, so it never outlives its worker.
@@ -16,8 +23,12 @@ from __future__ import annotations
 import gc
 import logging
 import multiprocessing
+import queue
 import signal
+import threading
 import time
+from collections import deque
+from concurrent.futures import Future
 from pathlib import Path
 
 from models.batches import ModelBatch, Repair
@@ -33,29 +44,44 @@ class ModelProcessError(RuntimeError):
 
 
 class ModelProcess:
-    """What a worker uses of `stream.engine.Engine` (version, threshold, serve, close),
-    served by a child process. Use from one thread at a time."""
+    """What a worker uses of `stream.engine.Engine` (version, threshold, submit, serve,
+    close), served by a child process."""
 
     def __init__(self, checkpoint: str | Path = "", threads: int = 1):
         if checkpoint and not Path(checkpoint).is_file():  # before a process is started
             raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads
-        self._conn, child_end = ctx.Pipe()
+        batches_in, self._batches = ctx.Pipe(duplex=False)
+        self._results, results_out = ctx.Pipe(duplex=False)
         self._process = ctx.Process(
-            target=serve, args=(child_end, str(checkpoint), threads), name="ecg-model", daemon=True
+            target=serve,
+            args=(batches_in, results_out, str(checkpoint), threads),
+            name="ecg-model",
+            daemon=True,
         )
         self._process.start()
-        child_end.close()
+        batches_in.close()
+        results_out.close()
+        self._lock = threading.Lock()  # guards _waiting, _dead and the batch pipe
+        self._waiting: deque[Future] = deque()  # submitted, in order, result not back yet
+        self._dead: ModelProcessError | None = None
         self.version = ""  # both known after wait_ready()
         self.threshold = 0.0
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> ModelProcess:
         """Block until the model is loaded and warmed up; raises ModelProcessError if not."""
         started = time.monotonic()
-        if not self._conn.poll(timeout_s):
+        if not self._results.poll(timeout_s):
             self.close()
             raise ModelProcessError(f"the model process did not start within {timeout_s:.0f} s")
-        self.version, self.threshold = self._receive()
+        try:
+            kind, payload = self._results.recv()
+        except (EOFError, OSError) as exc:
+            raise self._died() from exc
+        if kind == "error":
+            raise ModelProcessError(f"model process: {payload}")
+        self.version, self.threshold = payload
+        threading.Thread(target=self._receive, name="model-results", daemon=True).start()
         log.info(
             "model %s ready in process %d after %.1f s",
             self.version,
@@ -68,31 +94,51 @@ class ModelProcess:
     def pid(self) -> int | None:
         return self._process.pid
 
+    def submit(self, batch: ModelBatch) -> Future:
+        """Hand a batch to the model process; the future gives `Engine.serve`'s answer (or
+        raises ModelProcessError). Returns as soon as the child has taken the batch."""
+        future: Future = Future()
+        with self._lock:
+            if self._dead is not None:
+                raise self._dead
+            try:
+                self._batches.send(batch)
+            except (BrokenPipeError, ConnectionResetError, EOFError, OSError) as exc:
+                raise self._died() from exc
+            self._waiting.append(future)
+        return future
+
     def serve(self, batch: ModelBatch) -> Repair | None:
         """`Engine.serve` in the model process (which keeps the template history)."""
-        try:
-            self._conn.send(batch)
-        except (BrokenPipeError, ConnectionResetError, EOFError) as exc:
-            raise self._died() from exc
-        arrays = self._receive()
-        return None if arrays is None else Repair(*arrays)
+        return self.submit(batch).result()
 
-    def _receive(self):
-        try:
-            kind, payload = self._conn.recv()
-        except (EOFError, ConnectionResetError) as exc:
-            raise self._died() from exc
-        if kind == "error":
-            raise ModelProcessError(f"model process: {payload}")
-        return payload
+    def _receive(self) -> None:
+        """Resolve the submitted futures in order, until the child's pipe closes."""
+        while True:
+            try:
+                kind, payload = self._results.recv()
+            except (EOFError, OSError):
+                with self._lock:
+                    self._dead = self._died()
+                    while self._waiting:
+                        self._waiting.popleft().set_exception(self._dead)
+                return
+            with self._lock:
+                future = self._waiting.popleft()
+            if kind == "error":
+                future.set_exception(ModelProcessError(f"model process: {payload}"))
+            else:
+                future.set_result(None if payload is None else Repair(*payload))
 
     def _died(self) -> ModelProcessError:
         self._process.join(1.0)
         return ModelProcessError(f"the model process died (exit code {self._process.exitcode})")
 
     def close(self) -> None:
-        """Stop the child: close its pipe, wait briefly, then terminate it."""
-        self._conn.close()
+        """Stop the child: close its batch pipe (it answers what it has, then exits), wait
+        briefly, then terminate it."""
+        with self._lock:
+            self._batches.close()
         self._process.join(STOP_TIMEOUT_S)
         if self._process.is_alive():
             self._process.terminate()
@@ -105,7 +151,7 @@ class ModelProcess:
         self.close()
 
 
-def serve(conn, checkpoint: str, threads: int) -> None:
+def serve(batches, results, checkpoint: str, threads: int) -> None:
     """The child's main: load the model, announce it, then answer batches until EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -115,20 +161,52 @@ def serve(conn, checkpoint: str, threads: int) -> None:
         engine = Engine.load(checkpoint, threads)
     except Exception as exc:  # noqa: BLE001 - reported to the worker, which stops with it
         why = " ".join(str(exc).split())[:300]  # one line for the worker's error message
-        conn.send(("error", f"cannot load the model: {type(exc).__name__}: {why}"))
+        results.send(("error", f"cannot load the model: {type(exc).__name__}: {why}"))
         return
-    conn.send(("ready", (engine.version, engine.threshold)))
+    results.send(("ready", (engine.version, engine.threshold)))
     gc.freeze()  # the model is long-lived: keep it out of the cyclic collector's scans
-    while True:
-        try:
-            batch = conn.recv()
-        except (EOFError, OSError):
-            return  # the worker closed the pipe or died
+    inbox, (outbox, writer) = _relay_from(batches), _relay_to(results)
+    for batch in iter(inbox.get, None):
         try:
             result = engine.serve(batch)
         except Exception as exc:  # noqa: BLE001 - reported; the worker stops with it
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+            outbox.put(("error", f"{type(exc).__name__}: {exc}"))
             continue
         if result is not None:
-            result = (result.samples, result.probabilities, result.anomaly_score)
-        conn.send(("ok", result))
+            result = (result.samples, result.probabilities, result.anomaly_score, result.seconds)
+        outbox.put(("ok", result))
+    outbox.put(None)
+    writer.join(STOP_TIMEOUT_S)  # every answer written before the process ends
+
+
+def _relay_from(conn) -> queue.SimpleQueue:
+    """A queue fed by a thread reading `conn` (None at EOF)."""
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+
+    def read() -> None:
+        while True:
+            try:
+                inbox.put(conn.recv())
+            except (EOFError, OSError):
+                inbox.put(None)  # the worker closed the pipe or died
+                return
+
+    threading.Thread(target=read, name="batches", daemon=True).start()
+    return inbox
+
+
+def _relay_to(conn) -> tuple[queue.SimpleQueue, threading.Thread]:
+    """A queue drained by a thread writing to `conn` (until None), and that thread."""
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
+
+    def write() -> None:
+        for item in iter(outbox.get, None):
+            try:
+                conn.send(item)
+            except (BrokenPipeError, OSError):
+                return  # the worker is gone
+        conn.close()
+
+    writer = threading.Thread(target=write, name="results", daemon=True)
+    writer.start()
+    return outbox, writer

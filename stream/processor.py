@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -72,6 +73,13 @@ def batch_offsets(records) -> tuple[dict, dict]:
     return after, first
 
 
+def resolved(value) -> Future:
+    """A future that already holds `value`."""
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
 class Processor:
     """Stateful batch processor of one worker (state = its partitions' patients)."""
 
@@ -119,16 +127,19 @@ class Processor:
         self.metrics.patients.set(self.registry.patient_count())
         return Prepared(out, accepted, model_batch, first)
 
-    def infer(self, batch: Prepared) -> Repair | None:
-        """The model's side of a prepared batch: templates (every accepted beat joins its
-        patient's history) and one pass over the recoverable beats. Touches no state of this
-        object: runs on the inference thread while the next batch is prepared."""
+    def submit(self, batch: Prepared) -> Future:
+        """Hand a prepared batch to the model: templates (every accepted beat joins its
+        patient's history) and one pass over the recoverable beats. The future gives the
+        Repair (None if nothing to repair); meanwhile the next batch is prepared."""
         if batch.model_batch is None:
-            return None
-        started = time.perf_counter()
-        result = self.engine.serve(batch.model_batch)
-        self.metrics.inference.observe(time.perf_counter() - started)
-        return result
+            return resolved(None)
+        future = self.engine.submit(batch.model_batch)
+        future.add_done_callback(self._observe_inference)
+        return future
+
+    def _observe_inference(self, future: Future) -> None:
+        if not future.cancelled() and future.exception() is None and future.result():
+            self.metrics.inference.observe(future.result().seconds)
 
     def complete(self, batch: Prepared, result: Repair | None) -> Output:
         """Build the repaired-beat and alert messages of a prepared batch. Touches no patient

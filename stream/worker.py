@@ -4,8 +4,8 @@ Each micro-batch goes through:
 
 1. poll until `max_batch` records or `max_wait_ms` have passed;
 2. prepare: decode, validate, admit against patient state (dead letters out here);
-3. infer: one model pass, on the inference thread (by default it hands the batch to the
-   model's own process, `stream.model_process`, and waits without holding the GIL);
+3. submit: hand the batch to the model, which runs the templates and one pass (by default
+   in the model's own process, `stream.model_process`; else on an inference thread);
 4. complete: build the repaired beats and alerts;
 5. publish every message and flush the producer, retrying with backoff while the broker is
    away (nothing is committed until this succeeds);
@@ -36,7 +36,7 @@ import socket
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 from kafka import ConsumerRebalanceListener, OffsetAndMetadata, TopicPartition
@@ -93,7 +93,6 @@ class Worker:
         self.producer = make_producer(cfg.kafka, max_block_ms=5000)
         self.pending: list = []
         self.in_flight: deque[tuple[Prepared, Future]] = deque()
-        self.inference = ThreadPoolExecutor(1, thread_name_prefix="inference")
         self.committed: dict[tuple[str, int], int] = {}
         self.unaligned: set[TopicPartition] = set()  # assigned, position not yet checked
         self.batches = 0
@@ -164,7 +163,7 @@ class Worker:
         records, self.pending = self.pending, []
         records.sort(key=lambda r: (r.partition, r.offset))
         batch = self.processor.prepare(records)
-        self.in_flight.append((batch, self.inference.submit(self.processor.infer, batch)))
+        self.in_flight.append((batch, self.processor.submit(batch)))
 
     def finish_batch(self) -> None:
         """Publish and commit the oldest batch in flight, and count what it published."""
@@ -408,7 +407,6 @@ class Worker:
         finally:
             # Also after a failure (the model process died): what was not committed is
             # replayed by the partitions' next owner.
-            self.inference.shutdown(cancel_futures=True)
             try:
                 self.consumer.close(autocommit=False)
             finally:

@@ -42,21 +42,30 @@ def test_model_process_answers_like_the_in_process_engine(checkpoint, record_100
 
 
 def test_served_batches_keep_each_patients_history_beside_the_model(checkpoint, record_100):
-    """`serve` (templates + pass) gives the same results in both places, batch after batch;
-    unrecoverable rows join the history without a pass, and a fresh slot starts over."""
+    """`serve` (templates + pass) gives the same results in both places, batch after batch,
+    also when the batches are submitted back to back (answered in order); unrecoverable rows
+    join the history without a pass, and a fresh slot starts over."""
     local = Engine.load(checkpoint, threads=1)
     first = _batch(record_100, 48)
     beats, missing, lengths = first.beats, first.missing, first.lengths
     slots = np.arange(48) % 3  # three interleaved patients
     with ModelProcess(checkpoint, threads=1) as remote:
         remote.wait_ready()
-        for start, fresh in ((0, [0, 1, 2]), (16, []), (32, [1])):
-            rows = slice(start, start + 16)
-            batch = ModelBatch(
-                slots[rows], fresh, beats[rows], missing[rows], lengths[rows], np.arange(1, 16)
+        batches = [
+            ModelBatch(
+                slots[start : start + 16],
+                fresh,
+                beats[start : start + 16],
+                missing[start : start + 16],
+                lengths[start : start + 16],
+                np.arange(1, 16),
             )
-            want, got = local.serve(batch), remote.serve(batch)
-            assert got.samples.shape[0] == 15
+            for start, fresh in ((0, [0, 1, 2]), (16, []), (32, [1]))
+        ]
+        answers = [remote.submit(batch) for batch in batches]
+        for batch, answer in zip(batches, answers):
+            want, got = local.serve(batch), answer.result(timeout=60)
+            assert got.samples.shape[0] == 15 and got.seconds > 0
             assert np.array_equal(got.samples, want.samples)
             assert np.array_equal(got.probabilities, want.probabilities)
         nothing = ModelBatch(slots[:1], [], beats[:1], missing[:1], lengths[:1], np.arange(0))
@@ -86,7 +95,10 @@ def test_a_dead_model_process_stops_the_caller(checkpoint, record_100):
         remote.wait_ready()
         batch = _batch(record_100, 4)
         remote.serve(batch)
+        unanswered = remote.submit(_batch(record_100, 512))
         os.kill(remote.pid, signal.SIGKILL)
+        with pytest.raises(ModelProcessError, match="died"):
+            unanswered.result(timeout=30)
         with pytest.raises(ModelProcessError, match="died"):
             remote.serve(batch)
 
