@@ -13,9 +13,11 @@ Each micro-batch goes through:
    subscribers de-duplicate by (patient_id, seq)).
 
 Batches are pipelined two deep: while batch k is in the model, the main thread completes,
-publishes and commits batch k-1 and polls and prepares batch k+1, so on two cores Kafka I/O
-and the model overlap. Batches finish strictly in order, and a batch that cannot be published
-stops everything after it from being committed; counters move only once a batch is published.
+publishes and commits batch k-1 and polls, prepares and hands over batch k+1, which waits
+beside the model, so on two cores Kafka I/O and the model overlap and the model goes from
+one batch straight to the next. Batches finish strictly in order, and a batch that cannot
+be published stops everything after it from being committed; counters move only once a
+batch is published.
 
 On a rebalance the revoked partitions' records that were polled but not yet prepared are
 dropped (neither published nor committed: their next owner reads them again from the last
