@@ -99,7 +99,7 @@ class WorkerMetrics:
         )
         self.inference = Histogram(
             "ecg_inference_seconds",
-            "Model time per batch (templates and the pass, in the model process, with the pipe)",
+            "Model time per batch: templates and the pass, measured where they run",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

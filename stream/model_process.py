@@ -69,6 +69,7 @@ class ModelProcess:
         self._lock = threading.Lock()  # guards _waiting, _dead and the batch pipe
         self._waiting: deque[Future] = deque()  # submitted, in order, result not back yet
         self._dead: ModelProcessError | None = None
+        self._receiver: threading.Thread | None = None  # started by wait_ready()
         self.version = ""  # both known after wait_ready()
         self.threshold = 0.0
 
@@ -85,7 +86,8 @@ class ModelProcess:
         if kind == "error":
             raise ModelProcessError(f"model process: {payload}")
         self.version, self.threshold = payload
-        threading.Thread(target=self._receive, name="model-results", daemon=True).start()
+        self._receiver = threading.Thread(target=self._receive, name="model-results", daemon=True)
+        self._receiver.start()
         log.info(
             "model %s ready in process %d after %.1f s",
             self.version,
@@ -147,6 +149,9 @@ class ModelProcess:
         if self._process.is_alive():
             self._process.terminate()
             self._process.join(STOP_TIMEOUT_S)
+        if self._receiver is not None:
+            self._receiver.join(STOP_TIMEOUT_S)  # it ends at the child's EOF
+        self._results.close()
 
     def __enter__(self) -> ModelProcess:
         return self
