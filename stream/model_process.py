@@ -102,7 +102,7 @@ class ModelProcess:
 
     def submit(self, batch: ModelBatch) -> Future:
         """Hand a batch to the model process; the future gives `Engine.serve`'s answer (or
-        raises ModelProcessError). Returns as soon as the child has taken the batch."""
+        raises ModelProcessError). Returns once the batch is in the pipe."""
         future: Future = Future()
         with self._lock:
             if self._dead is not None:
@@ -134,7 +134,7 @@ class ModelProcess:
             if kind == "error":
                 future.set_exception(ModelProcessError(f"model process: {payload}"))
             else:
-                future.set_result(None if payload is None else Repair(*payload))
+                future.set_result(payload)
 
     def _died(self) -> ModelProcessError:
         self._process.join(1.0)
@@ -184,8 +184,6 @@ def serve(batches, results, checkpoint: str, threads: int) -> None:
         except Exception as exc:  # noqa: BLE001 - reported; the worker stops with it
             results.send(("error", f"{type(exc).__name__}: {exc}"))
             continue
-        if result is not None:
-            result = (result.samples, result.probabilities, result.anomaly_score, result.seconds)
         results.send(("ok", result))
 
 

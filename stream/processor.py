@@ -138,8 +138,10 @@ class Processor:
         return future
 
     def _observe_inference(self, future: Future) -> None:
-        if not future.cancelled() and future.exception() is None and future.result():
-            self.metrics.inference.observe(future.result().seconds)
+        if future.cancelled() or future.exception() is not None:
+            return
+        if (result := future.result()) is not None:
+            self.metrics.inference.observe(result.seconds)
 
     def complete(self, batch: Prepared, result: Repair | None) -> Output:
         """Build the repaired-beat and alert messages of a prepared batch. Touches no patient
