@@ -55,8 +55,8 @@ def data_source(cfg: Config) -> tuple[list[str], Path | None]:
     return records, D.locate_database("mitdb", cfg.data.mitdb_dir, records, cfg.data.download)
 
 
-def encode(beat: SimBeat, timestamp: float) -> tuple[bytes, bytes | None]:
-    """(raw message, truth message) bytes for one simulated beat."""
+def encode(beat: SimBeat, timestamp: float, truth: bool) -> tuple[bytes, bytes | None]:
+    """(raw message, truth message or None when `truth` is off) bytes for one simulated beat."""
     source = {"record": beat.record, "beat_index": beat.beat_index, "lead": "MLII"}
     raw = messages.dumps(
         messages.raw_beat(
@@ -69,7 +69,9 @@ def encode(beat: SimBeat, timestamp: float) -> tuple[bytes, bytes | None]:
             source=source,
         )
     )
-    truth = messages.dumps(
+    if not truth:
+        return raw, None
+    truth_message = messages.dumps(
         messages.truth_beat(
             beat.patient_id,
             beat.seq,
@@ -81,7 +83,7 @@ def encode(beat: SimBeat, timestamp: float) -> tuple[bytes, bytes | None]:
             source,
         )
     )
-    return raw, truth
+    return raw, truth_message
 
 
 def simulate(
@@ -129,7 +131,7 @@ def simulate(
         beat = dropout.apply(patient, index, rr_s)
         timestamp = max(time.time(), last_ts.get(i, 0.0) + 1e-6)
         last_ts[i] = timestamp
-        raw, truth = encode(beat, timestamp)
+        raw, truth = encode(beat, timestamp, sim.truth)
         key = beat.patient_id.encode()
         if beat.lost:
             result.skipped += 1
