@@ -253,7 +253,7 @@ def latency_at(cfg: Config, offered: float, seconds: float, workdir: Path) -> di
         worker.stop()
     raw = _stamps(cfg, cfg.topics.raw)
     out = _stamps(cfg, cfg.topics.repaired)
-    return _percentiles(offered, [out[k] - raw[k] for k in raw if k in out])
+    return _percentiles(offered, [(raw[k], out[k] - raw[k]) for k in raw if k in out])
 
 
 def broker_latency_at(cfg: Config, offered: float, seconds: float) -> dict:
@@ -263,14 +263,14 @@ def broker_latency_at(cfg: Config, offered: float, seconds: float) -> dict:
     ensure_topics(cfg.kafka, cfg.topics)
     consumer = make_consumer(cfg.kafka, None)
     assign_all(consumer, cfg.topics.raw, from_beginning=False)
-    delays: list[float] = []
+    delays: list[tuple[float, float]] = []
     done = threading.Event()
 
     def receive():
         while not done.is_set():
             for records in consumer.poll(timeout_ms=IDLE_POLL_MS).values():
                 now_ms = time.time() * 1000
-                delays.extend(now_ms - r.timestamp for r in records)
+                delays.extend((r.timestamp, now_ms - r.timestamp) for r in records)
 
     thread = threading.Thread(target=receive, daemon=True)
     thread.start()
@@ -284,12 +284,17 @@ def broker_latency_at(cfg: Config, offered: float, seconds: float) -> dict:
     return _percentiles(offered, delays)
 
 
-def _percentiles(offered: float, latencies_ms) -> dict:
-    lat = np.asarray(latencies_ms, float)
+def _percentiles(offered: float, stamped: list[tuple[float, float]]) -> dict:
+    """Percentiles of (created ms, latency ms) pairs: of the whole run, and the p99 of its
+    first and second halves (by creation time), which shows a drift over the run."""
+    created, latency = np.asarray(stamped, float).reshape(-1, 2).T
+    second = created >= (created.min() + created.max()) / 2
     return {
         "offered": offered,
-        "beats": int(len(lat)),
-        **{f"p{q}_ms": float(np.percentile(lat, q)) for q in (50, 95, 99)},
+        "beats": int(len(latency)),
+        **{f"p{q}_ms": float(np.percentile(latency, q)) for q in (50, 95, 99)},
+        "p99_first_half_ms": float(np.percentile(latency[~second], 99)),
+        "p99_second_half_ms": float(np.percentile(latency[second], 99)),
     }
 
 
@@ -444,18 +449,24 @@ def render(r: dict) -> str:
         + f"; full worker: {r.get('worker_patients', '?')} patients, "
         f"{r.get('worker_beats', '?')} beats)",
         "",
-        "| offered load (beats/s) | beats | p50 (ms) | p95 (ms) | p99 (ms) | broker alone, no "
-        "worker: p50 / p95 / p99 (ms) |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| offered load (beats/s) | beats | p50 (ms) | p95 (ms) | p99 (ms) | p99 first / "
+        "second half (ms) | broker alone, no worker: p50 / p95 / p99 (ms) | broker alone: "
+        "p99 first / second half (ms) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     baselines = r.get("broker_latency") or [None] * len(r["latency"])
     for row, base in zip(r["latency"], baselines):
         alone = " / ".join(f"{base[f'p{q}_ms']:.1f}" for q in (50, 95, 99)) if base else ""
         lines.append(
             f"| {row['offered']:,.0f} | {row['beats']} | {row['p50_ms']:.1f} | "
-            f"{row['p95_ms']:.1f} | {row['p99_ms']:.1f} | {alone} |"
+            f"{row['p95_ms']:.1f} | {row['p99_ms']:.1f} | {_halves(row)} | {alone} | "
+            f"{_halves(base) if base else ''} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _halves(row: dict) -> str:
+    return f"{row['p99_first_half_ms']:.1f} / {row['p99_second_half_ms']:.1f}"
 
 
 if __name__ == "__main__":
