@@ -323,7 +323,7 @@ def run_benchmarks(cfg: Config, out: Path, quick: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     scale = 0.1 if quick else 1.0
     torch.set_num_threads(cfg.model.torch_threads)
-    engine = Engine.load(cfg.model.checkpoint, cfg.model.torch_threads)
+    engine = Engine.load(cfg.model.checkpoint, cfg.model.torch_threads, cfg.worker.max_batch)
     results: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": machine(),

@@ -264,11 +264,12 @@ def cmd_worker(cfg, args):
     if m.separate_process:
         from stream.model_process import ModelProcess
 
-        engine = ModelProcess(m.checkpoint, m.torch_threads)  # loads while topics are checked
+        # Loads (and warms up) while the topics are checked.
+        engine = ModelProcess(m.checkpoint, m.torch_threads, cfg.worker.max_batch)
     else:
         from stream.engine import Engine
 
-        engine = Engine.load(m.checkpoint, m.torch_threads)
+        engine = Engine.load(m.checkpoint, m.torch_threads, cfg.worker.max_batch)
     try:
         ensure_topics(cfg.kafka, cfg.topics)
         if m.separate_process:

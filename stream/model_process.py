@@ -32,7 +32,7 @@ from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
 
-from models.batches import ModelBatch, Repair
+from models.batches import DEFAULT_MAX_BATCH, ModelBatch, Repair
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 300.0  # importing torch and tracing the model on a slow, busy node
@@ -49,7 +49,9 @@ class ModelProcess:
     """What a worker uses of `stream.engine.Engine` (version, threshold, submit, serve,
     close), served by a child process."""
 
-    def __init__(self, checkpoint: str | Path = "", threads: int = 1):
+    def __init__(
+        self, checkpoint: str | Path = "", threads: int = 1, max_batch: int = DEFAULT_MAX_BATCH
+    ):
         if checkpoint and not Path(checkpoint).is_file():  # before a process is started
             raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads
@@ -57,7 +59,7 @@ class ModelProcess:
         self._results, results_out = ctx.Pipe(duplex=False)
         self._process = ctx.Process(
             target=serve,
-            args=(batches_in, results_out, str(checkpoint), threads),
+            args=(batches_in, results_out, str(checkpoint), threads, max_batch),
             name="ecg-model",
             daemon=True,
         )
@@ -160,14 +162,14 @@ class ModelProcess:
         self.close()
 
 
-def serve(batches, results, checkpoint: str, threads: int) -> None:
+def serve(batches, results, checkpoint: str, threads: int, max_batch: int) -> None:
     """The child's main: load the model, announce it, then answer batches until EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         from stream.engine import Engine
 
-        engine = Engine.load(checkpoint, threads)
+        engine = Engine.load(checkpoint, threads, max_batch)
     except Exception as exc:  # noqa: BLE001 - reported to the worker, which stops with it
         why = " ".join(str(exc).split())[:300]  # one line for the worker's error message
         results.send(("error", f"cannot load the model: {type(exc).__name__}: {why}"))

@@ -13,7 +13,8 @@ import pytest
 
 from models import masks
 from models.batches import ModelBatch
-from stream.engine import Engine
+from models.model import repair
+from stream.engine import Engine, padded_rows
 from stream.model_process import ModelProcess, ModelProcessError
 
 
@@ -39,6 +40,24 @@ def test_model_process_answers_like_the_in_process_engine(checkpoint, record_100
             assert np.array_equal(got.anomaly_score, want.anomaly_score)
             observed = ~batch.missing
             assert np.array_equal(got.samples[observed], batch.beats[observed])
+
+
+def test_the_engine_runs_a_few_padded_sizes_and_answers_for_the_real_rows(checkpoint, record_100):
+    """Batches run at 1, 2, 4, 8 or a multiple of 8 rows (the sizes warmed up at load, so no
+    real batch pays for a new shape); the answer covers the real rows only and matches an
+    unpadded pass to float rounding, observed samples untouched."""
+    sizes = [padded_rows(n) for n in (1, 2, 3, 5, 8, 9, 16, 17, 255, 256, 257)]
+    assert sizes == [1, 2, 4, 8, 8, 16, 16, 24, 256, 256, 264]
+    engine = Engine.load(checkpoint, threads=1, max_batch=16)
+    batch = _batch(record_100, 13)
+    args = (batch.beats, batch.missing, batch.beats, batch.lengths)  # the beat as its template
+    got, want = engine.repair(*args), repair(engine.runner, *args)
+    assert got.samples.shape == batch.beats.shape and got.anomaly_score.shape == (13,)
+    np.testing.assert_allclose(got.samples, want.samples, atol=1e-5)
+    np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-5)
+    np.testing.assert_allclose(got.anomaly_score, want.anomaly_score, rtol=1e-4, atol=1e-6)
+    observed = ~batch.missing
+    assert np.array_equal(got.samples[observed], batch.beats[observed])
 
 
 def test_served_batches_keep_each_patients_history_beside_the_model(checkpoint, record_100):
