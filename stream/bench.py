@@ -7,8 +7,9 @@
 3. the full worker (a real `ecg-stream worker` process) end to end through the broker, with
    BENCH_PATIENTS patients, so that its per-patient state is in the memory figure;
 4. a naive worker: poll one, infer one, produce one, commit (max_batch = 1);
-5. end-to-end latency p50/p95/p99 at fixed offered loads to one worker, next to the same load
-   through the broker alone (no worker), which the embedded broker makes grow as it fills;
+5. end-to-end latency p50/p95/p99 at fixed offered loads to one worker (from as many patients
+   as beat at ~75/min: 800 at 1,000 beats/s), next to the same load through the broker alone
+   (no worker), which the embedded broker makes grow as it fills;
 6. peak RSS of the worker process.
 
 Throughputs are measured on a backlog produced beforehand, from the first to the last
@@ -19,6 +20,7 @@ publish time, both Kafka CreateTime stamps from this host's clock.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -48,6 +50,7 @@ from stream.worker import IDLE_POLL_MS, Worker
 
 BATCH_SIZES = (1, 8, 32, 128, 256, 512, 1024)
 BENCH_PATIENTS = 1000  # patients in the full-worker backlog (40 beats each: full templates)
+REAL_TIME_BPM = 75  # heart rate of a simulated patient in the latency phase
 WORKER_SCRAPE_S = 0.1  # how often a worker process's metrics are read while it is measured
 
 
@@ -125,12 +128,11 @@ class PassThrough:
 
 
 def fresh(cfg: Config, tag: str, *overrides: str) -> Config:
-    """A copy of cfg with its own topics and consumer group."""
-    topics = dataclasses.replace(
-        cfg.topics, **{k: f"bench.{tag}.{k}" for k in ("raw", "truth", "repaired", "alerts", "dlq")}
-    )
-    worker = dataclasses.replace(cfg.worker, group_id=f"bench-{tag}")
-    out = dataclasses.replace(cfg, topics=topics, worker=worker)
+    """A copy of cfg with its own topics and consumer group (cfg itself is left alone)."""
+    out = copy.deepcopy(cfg)
+    for key in ("raw", "truth", "repaired", "alerts", "dlq"):
+        setattr(out.topics, key, f"bench.{tag}.{key}")
+    out.worker.group_id = f"bench-{tag}"
     for item in overrides:
         key, _, value = item.partition("=")
         set_value(out, key, value)
@@ -239,9 +241,14 @@ def worker_throughput(
         worker.stop()
 
 
+def ward(offered: float) -> str:
+    """The simulator override for `offered` beats/s from patients at ~75 beats/min each."""
+    return f"simulator.patients={max(16, round(offered * 60 / REAL_TIME_BPM))}"
+
+
 def latency_at(cfg: Config, offered: float, seconds: float, workdir: Path) -> dict:
     """Latency percentiles (ms) with `offered` beats/s to one worker for `seconds`."""
-    cfg = fresh(cfg, f"lat{int(offered)}")
+    cfg = fresh(cfg, f"lat{int(offered)}", ward(offered))
     ensure_topics(cfg.kafka, cfg.topics)
     worker = WorkerProcess(cfg, workdir, f"lat{int(offered)}")
     try:
@@ -259,7 +266,7 @@ def latency_at(cfg: Config, offered: float, seconds: float, workdir: Path) -> di
 def broker_latency_at(cfg: Config, offered: float, seconds: float) -> dict:
     """The same paced load with no worker: raw publish -> a plain consumer receiving it.
     What the broker and the simulator's client add before any worker sees a beat."""
-    cfg = fresh(cfg, f"base{int(offered)}")
+    cfg = fresh(cfg, f"base{int(offered)}", ward(offered))
     ensure_topics(cfg.kafka, cfg.topics)
     consumer = make_consumer(cfg.kafka, None)
     assign_all(consumer, cfg.topics.raw, from_beginning=False)
