@@ -72,7 +72,13 @@ class TemplateStore:
     A mean store counts padding as observed zeros; a matched store uses only the signal.
     """
 
-    def __init__(self, spec: TemplateSpec, width: int, capacity: int = 16):
+    # np.zeros maps lazily zeroed pages, so a slot takes memory only once a patient uses it:
+    # room for a worker's patients at full load (~5,800, see README sizing) without a copy.
+    # Growing by copying stalled the model as a worker met its patients (512 -> 1,024 slots:
+    # 66 ms, 1,024 -> 2,048: 144 ms), and every batch behind the copy waited.
+    INITIAL_SLOTS = 8192
+
+    def __init__(self, spec: TemplateSpec, width: int, capacity: int = INITIAL_SLOTS):
         self.spec = spec
         self.width = width
         # per slot: the observed flags of its last k beats, then their values (contiguous)

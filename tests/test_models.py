@@ -93,10 +93,11 @@ def test_template_store_batches_agree_with_beat_by_beat(record_100):
     # A slot handed to a new patient forgets the old patient's history.
     fresh = batched.advance([slots[0]], beats.samples[:1], missing[:1], [150], fresh=[slots[0]])
     assert np.isnan(fresh).all()
-    # Growing past the initial capacity (16) keeps every patient's history.
+    # Growing past the initial capacity keeps every patient's history.
     before = batched.history[slots[1]].copy()
-    batched.advance([100], beats.samples[:1], missing[:1], [150], fresh=[100])
-    assert len(batched.seen) == 128
+    beyond = T.TemplateStore.INITIAL_SLOTS + 100
+    batched.advance([beyond], beats.samples[:1], missing[:1], [150], fresh=[beyond])
+    assert len(batched.seen) == 2 * T.TemplateStore.INITIAL_SLOTS
     assert np.array_equal(batched.history[slots[1]], before)
 
 
