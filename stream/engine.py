@@ -27,7 +27,7 @@ def padded_rows(n: int) -> int:
     extra per new size on this machine), and a worker at low load sees every size from 1 up:
     those first calls were latency spikes in its first seconds. With padding the engine only
     runs 35 sizes up to 256, all warmed up before it serves (`Engine.warm_up`)."""
-    return 1 << (n - 1).bit_length() if n <= 8 else -(-n // 8) * 8
+    return 1 << (n - 1).bit_length() if 0 < n <= 8 else -(-n // 8) * 8
 
 
 @dataclass

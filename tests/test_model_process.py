@@ -46,8 +46,8 @@ def test_the_engine_runs_a_few_padded_sizes_and_answers_for_the_real_rows(checkp
     """Batches run at 1, 2, 4, 8 or a multiple of 8 rows (the sizes warmed up at load, so no
     real batch pays for a new shape); the answer covers the real rows only and matches an
     unpadded pass to float rounding, observed samples untouched."""
-    sizes = [padded_rows(n) for n in (1, 2, 3, 5, 8, 9, 16, 17, 255, 256, 257)]
-    assert sizes == [1, 2, 4, 8, 8, 16, 16, 24, 256, 256, 264]
+    sizes = [padded_rows(n) for n in (0, 1, 2, 3, 5, 8, 9, 16, 17, 255, 256, 257)]
+    assert sizes == [0, 1, 2, 4, 8, 8, 16, 16, 24, 256, 256, 264]
     engine = Engine.load(checkpoint, threads=1, max_batch=16)
     batch = _batch(record_100, 13)
     args = (batch.beats, batch.missing, batch.beats, batch.lengths)  # the beat as its template
