@@ -7,8 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DEFAULT_MAX_BATCH = 256  # the worker's default worker.max_batch: the model warms up for it
-
 
 @dataclass
 class ModelBatch:

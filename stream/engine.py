@@ -12,10 +12,11 @@ import numpy as np
 import torch
 
 import models
-from models.batches import DEFAULT_MAX_BATCH, ModelBatch, Repair
+from models.batches import ModelBatch, Repair
 from models.data import BEAT_LEN
 from models.model import EcgNet, load_checkpoint, repair, trace_repair
 from models.templates import TemplateSpec, TemplateStore
+from stream.config import WorkerConfig
 
 DEFAULT_CHECKPOINT = Path(models.__file__).parent / "weights" / "ecgnet-ds1.pt"
 
@@ -49,7 +50,7 @@ class Engine:
 
     @classmethod
     def load(
-        cls, checkpoint: str | Path = "", threads: int = 2, max_batch: int = DEFAULT_MAX_BATCH
+        cls, checkpoint: str | Path = "", threads: int = 2, max_batch: int = WorkerConfig.max_batch
     ) -> Engine:
         """The checkpoint (empty: the packaged one), warmed up for batches up to max_batch."""
         torch.set_num_threads(threads)
@@ -101,7 +102,7 @@ class Engine:
         result = repair(self.runner, beats, missing, template, lengths)
         return Repair(result.samples[:n], result.probabilities[:n], result.anomaly_score[:n])
 
-    def warm_up(self, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+    def warm_up(self, max_batch: int = WorkerConfig.max_batch) -> None:
         """Two throwaway passes at every padded size up to max_batch (~1.2 s for 256), so no
         real batch pays for first-time initialisation (oneDNN kernels per batch shape,
         TorchScript's optimisation of the graph on its first calls)."""

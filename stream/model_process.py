@@ -32,7 +32,8 @@ from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
 
-from models.batches import DEFAULT_MAX_BATCH, ModelBatch, Repair
+from models.batches import ModelBatch, Repair
+from stream.config import WorkerConfig
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 300.0  # importing torch and tracing the model on a slow, busy node
@@ -50,7 +51,7 @@ class ModelProcess:
     close), served by a child process."""
 
     def __init__(
-        self, checkpoint: str | Path = "", threads: int = 1, max_batch: int = DEFAULT_MAX_BATCH
+        self, checkpoint: str | Path = "", threads: int = 1, max_batch: int = WorkerConfig.max_batch
     ):
         if checkpoint and not Path(checkpoint).is_file():  # before a process is started
             raise FileNotFoundError(f"checkpoint not found: {checkpoint}")

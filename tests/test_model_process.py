@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+import stream.engine
 from models import masks
 from models.batches import ModelBatch
 from models.model import repair
@@ -42,7 +43,9 @@ def test_model_process_answers_like_the_in_process_engine(checkpoint, record_100
             assert np.array_equal(got.samples[observed], batch.beats[observed])
 
 
-def test_the_engine_runs_a_few_padded_sizes_and_answers_for_the_real_rows(checkpoint, record_100):
+def test_the_engine_runs_a_few_padded_sizes_and_answers_for_the_real_rows(
+    checkpoint, record_100, monkeypatch
+):
     """Batches run at 1, 2, 4, 8 or a multiple of 8 rows (the sizes warmed up at load, so no
     real batch pays for a new shape); the answer covers the real rows only and matches an
     unpadded pass to float rounding, observed samples untouched."""
@@ -51,7 +54,16 @@ def test_the_engine_runs_a_few_padded_sizes_and_answers_for_the_real_rows(checkp
     engine = Engine.load(checkpoint, threads=1, max_batch=16)
     batch = _batch(record_100, 13)
     args = (batch.beats, batch.missing, batch.beats, batch.lengths)  # the beat as its template
-    got, want = engine.repair(*args), repair(engine.runner, *args)
+    want = repair(engine.runner, *args)
+    passes = []
+
+    def counted(runner, beats, *rest):
+        passes.append(len(beats))
+        return repair(runner, beats, *rest)
+
+    monkeypatch.setattr(stream.engine, "repair", counted)
+    got = engine.repair(*args)
+    assert passes == [16]  # 13 beats run as 16 rows
     assert got.samples.shape == batch.beats.shape and got.anomaly_score.shape == (13,)
     np.testing.assert_allclose(got.samples, want.samples, atol=1e-5)
     np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-5)
