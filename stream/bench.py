@@ -8,8 +8,9 @@
    BENCH_PATIENTS patients, so that its per-patient state is in the memory figure;
 4. a naive worker: poll one, infer one, produce one, commit (max_batch = 1);
 5. end-to-end latency p50/p95/p99 at fixed offered loads to one worker (from as many patients
-   as beat at ~75/min: 800 at 1,000 beats/s), next to the same load through the broker alone
-   (no worker), which the embedded broker makes grow as it fills;
+   as beat at ~75/min: 800 at 1,000 beats/s), on a raw topic of SIZED_PARTITIONS partitions
+   and of the configured count, next to the same load through the broker alone (no worker),
+   which the embedded broker makes grow as it fills;
 6. peak RSS of the worker process.
 
 Throughputs are measured on a backlog produced beforehand, from the first to the last
@@ -51,6 +52,11 @@ from stream.worker import IDLE_POLL_MS, Worker
 BATCH_SIZES = (1, 8, 32, 128, 256, 512, 1024)
 BENCH_PATIENTS = 1000  # patients in the full-worker backlog (40 beats each: full templates)
 REAL_TIME_BPM = 75  # heart rate of a simulated patient in the latency phase
+# The latency phase's raw topic also gets this many partitions, beside the configured count:
+# the README's sizing rule asks for one at these loads, and two leave room for a second
+# worker. On the embedded broker latency grows with the partitions one worker fetches: a
+# fetch costs it in proportion to the batches stored in each partition it reads.
+SIZED_PARTITIONS = 2
 WORKER_SCRAPE_S = 0.1  # how often a worker process's metrics are read while it is measured
 
 
@@ -246,11 +252,20 @@ def ward(offered: float) -> str:
     return f"simulator.patients={max(16, round(offered * 60 / REAL_TIME_BPM))}"
 
 
-def latency_at(cfg: Config, offered: float, seconds: float, workdir: Path) -> dict:
-    """Latency percentiles (ms) with `offered` beats/s to one worker for `seconds`."""
-    cfg = fresh(cfg, f"lat{int(offered)}", ward(offered))
+def sized(cfg: Config, partitions: int) -> str:
+    """The override for topics with `partitions` partitions (0: as configured)."""
+    return f"kafka.partitions={partitions or cfg.kafka.partitions}"
+
+
+def latency_at(
+    cfg: Config, offered: float, seconds: float, workdir: Path, partitions: int = 0
+) -> dict:
+    """Latency percentiles (ms) with `offered` beats/s to one worker for `seconds`, on topics
+    with `partitions` partitions (0: as configured)."""
+    tag = f"lat{int(offered)}p{partitions}"
+    cfg = fresh(cfg, tag, ward(offered), sized(cfg, partitions))
     ensure_topics(cfg.kafka, cfg.topics)
-    worker = WorkerProcess(cfg, workdir, f"lat{int(offered)}")
+    worker = WorkerProcess(cfg, workdir, tag)
     try:
         worker.ready(cfg.kafka.partitions)
         # Paced like devices: the configured linger, not the backlog's throughput setting.
@@ -260,13 +275,16 @@ def latency_at(cfg: Config, offered: float, seconds: float, workdir: Path) -> di
         worker.stop()
     raw = _stamps(cfg, cfg.topics.raw)
     out = _stamps(cfg, cfg.topics.repaired)
-    return _percentiles(offered, [(raw[k], out[k] - raw[k]) for k in raw if k in out])
+    return {
+        "partitions": cfg.kafka.partitions,
+        **_percentiles(offered, [(raw[k], out[k] - raw[k]) for k in raw if k in out]),
+    }
 
 
-def broker_latency_at(cfg: Config, offered: float, seconds: float) -> dict:
+def broker_latency_at(cfg: Config, offered: float, seconds: float, partitions: int = 0) -> dict:
     """The same paced load with no worker: raw publish -> a plain consumer receiving it.
     What the broker and the simulator's client add before any worker sees a beat."""
-    cfg = fresh(cfg, f"base{int(offered)}", ward(offered))
+    cfg = fresh(cfg, f"base{int(offered)}p{partitions}", ward(offered), sized(cfg, partitions))
     ensure_topics(cfg.kafka, cfg.topics)
     consumer = make_consumer(cfg.kafka, None)
     assign_all(consumer, cfg.topics.raw, from_beginning=False)
@@ -288,7 +306,7 @@ def broker_latency_at(cfg: Config, offered: float, seconds: float) -> dict:
         done.set()
         thread.join(timeout=10)
         consumer.close()
-    return _percentiles(offered, delays)
+    return {"partitions": cfg.kafka.partitions, **_percentiles(offered, delays)}
 
 
 def _percentiles(offered: float, stamped: list[tuple[float, float]]) -> dict:
@@ -370,11 +388,17 @@ def run_benchmarks(cfg: Config, out: Path, quick: bool = False) -> dict:
         print("5. latency at fixed offered loads", flush=True)
         results["latency"] = []
         results["broker_latency"] = []
+        seconds = 5 if quick else 20
         for load in (250, 1000) if quick else (250, 1000, 2000):
-            with kafka_for(cfg) as kcfg:
-                results["latency"].append(latency_at(kcfg, load, 5 if quick else 20, Path(tmp)))
-            with kafka_for(cfg) as kcfg:
-                results["broker_latency"].append(broker_latency_at(kcfg, load, 5 if quick else 20))
+            for partitions in sorted({SIZED_PARTITIONS, cfg.kafka.partitions}):
+                with kafka_for(cfg) as kcfg:
+                    results["latency"].append(
+                        latency_at(kcfg, load, seconds, Path(tmp), partitions)
+                    )
+                with kafka_for(cfg) as kcfg:
+                    results["broker_latency"].append(
+                        broker_latency_at(kcfg, load, seconds, partitions)
+                    )
     table = render(results)
     print(table)
     (out / "bench.json").write_text(json.dumps(results, indent=2))
@@ -456,16 +480,17 @@ def render(r: dict) -> str:
         + f"; full worker: {r.get('worker_patients', '?')} patients, "
         f"{r.get('worker_beats', '?')} beats)",
         "",
-        "| offered load (beats/s) | beats | p50 (ms) | p95 (ms) | p99 (ms) | p99 first / "
-        "second half (ms) | broker alone, no worker: p50 / p95 / p99 (ms) | broker alone: "
-        "p99 first / second half (ms) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| offered load (beats/s) | partitions | beats | p50 (ms) | p95 (ms) | p99 (ms) | p99 "
+        "first / second half (ms) | broker alone, no worker: p50 / p95 / p99 (ms) | broker "
+        "alone: p99 first / second half (ms) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     baselines = r.get("broker_latency") or [None] * len(r["latency"])
     for row, base in zip(r["latency"], baselines):
         alone = " / ".join(f"{base[f'p{q}_ms']:.1f}" for q in (50, 95, 99)) if base else ""
         lines.append(
-            f"| {row['offered']:,.0f} | {row['beats']} | {row['p50_ms']:.1f} | "
+            f"| {row['offered']:,.0f} | {row.get('partitions', '')} | {row['beats']} | "
+            f"{row['p50_ms']:.1f} | "
             f"{row['p95_ms']:.1f} | {row['p99_ms']:.1f} | {_halves(row)} | {alone} | "
             f"{_halves(base) if base else ''} |"
         )
