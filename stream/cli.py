@@ -24,6 +24,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def at_least(minimum: float, kind=int):
+    """An argparse type: a number (int or float) no smaller than `minimum`."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used by tests to list the real subcommands)."""
     common = argparse.ArgumentParser(add_help=False)
@@ -60,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("evaluate", "evaluate the checkpoints; write report.md/json and figures")
     p.add_argument("--out", default="reports/evaluation", help="output directory")
-    p.add_argument("--max-beats", type=int, default=0, help="subsample DS2 (0 = all)")
+    p.add_argument("--max-beats", type=at_least(0), default=0, help="subsample DS2 (0 = all)")
 
     p = add("simulate", "replay MIT-BIH patients with dropout into Kafka")
     p.add_argument("--patients", type=int, help="simulator.patients")
@@ -81,16 +96,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("tail", "follow the repaired (or alerts/dlq) topic, one line per message")
     p.add_argument("--topic", choices=["repaired", "alerts", "dlq", "raw"], default="repaired")
     p.add_argument("--from-beginning", action="store_true")
-    p.add_argument("--limit", type=int, default=0, help="stop after N messages")
+    p.add_argument("--limit", type=at_least(0), default=0, help="stop after N messages")
     p.add_argument("--plot", metavar="DIR", help="write PNGs of repaired beats into DIR")
     p.add_argument("--json", action="store_true", help="print the raw JSON")
 
     p = add("demo", "the whole pipeline on an embedded broker for about a minute")
     p.add_argument(
-        "--duration", dest="demo_duration", type=float, default=60.0, help="seconds of simulation"
+        "--duration",
+        dest="demo_duration",
+        type=at_least(1, float),
+        default=60.0,
+        help="seconds of simulation",
     )
     p.add_argument("--patients", type=int, help="simulator.patients")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=at_least(1), default=2)
+    p.add_argument(
+        "--partitions",
+        type=at_least(1),
+        help="partitions of the demo's topics (default: one per worker on the embedded "
+        "broker, whose fetches cost more with every partition; kafka.partitions on a cluster)",
+    )
     p.add_argument("--out", default="reports/demo", help="report directory")
 
     p = add("bench", "benchmarks: models, Kafka ceiling, workers, latency, memory")
@@ -311,7 +336,7 @@ def cmd_tail(cfg, args):
 def cmd_demo(cfg, args):
     from stream.demo import run_demo
 
-    run_demo(cfg, args.demo_duration, args.workers, Path(args.out))
+    run_demo(cfg, args.demo_duration, args.workers, Path(args.out), args.partitions)
 
 
 def cmd_bench(cfg, args):

@@ -72,6 +72,11 @@ def test_cli_errors_are_one_line(tmp_path):
         (["simulate", "--patients", "many"], "invalid int value"),
         (["config", "--config", str(bad)], "unknown config key: worker.max_bach"),
         (["config", "--set", "kafka.partitions=0"], "kafka.partitions"),
+        (["demo", "--workers", "0"], "--workers: must be at least 1, got 0"),
+        (["demo", "--partitions", "-2"], "--partitions: must be at least 1"),
+        (["demo", "--duration", "0"], "--duration: must be at least 1"),
+        (["evaluate", "--max-beats", "-1"], "--max-beats: must be at least 0"),
+        (["tail", "--limit", "ten"], "--limit: invalid int value: 'ten'"),
         (["worker"], "kafka.bootstrap_servers is empty"),
         (
             ["simulate", "--bootstrap-servers", "127.0.0.1:1", "--data-dir", str(tmp_path)],
@@ -94,6 +99,18 @@ def test_cli_errors_are_one_line(tmp_path):
         lines = [ln for ln in proc.stderr.splitlines() if "error" in ln]
         assert len(lines) == 1 and needle in lines[0], (args, proc.stderr)
         assert "Traceback" not in proc.stderr
+
+
+def test_the_demo_gives_the_embedded_broker_one_partition_per_worker():
+    from stream.demo import demo_partitions
+
+    cfg = Config()
+    assert cfg.kafka.partitions == 6
+    assert demo_partitions(cfg, 2, None, embedded=True) == 2
+    assert demo_partitions(cfg, 3, None, embedded=False) == 6, "a cluster keeps its setting"
+    assert demo_partitions(cfg, 2, 4, embedded=True) == 4, "--partitions wins"
+    args = cli.build_parser().parse_args(["demo", "--workers", "3", "--partitions", "5"])
+    assert (args.workers, args.partitions, args.demo_duration) == (3, 5, 60.0)
 
 
 def test_every_subcommand_has_help():
