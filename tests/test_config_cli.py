@@ -55,6 +55,11 @@ def test_precedence_yaml_env_cli(tmp_path):
         ("", ["worker.alert_classes=X"], "worker.alert_classes"),
         ("", ["train.split=both"], "train.split"),
         ("", ["metrics.port=70000"], "metrics.port"),
+        ("", ["simulator.beats=-3"], "simulator.beats"),
+        ("", ["simulator.duration_s=-1"], "simulator.duration_s"),
+        ("", ["kafka.linger_ms=-1"], "kafka.linger_ms"),
+        ("", ["kafka.request_timeout_ms=10"], "kafka.request_timeout_ms"),
+        ("", ["evaluator.max_pending=0"], "evaluator.max_pending"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, content, overrides, needle):
