@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds of simulation",
     )
     p.add_argument("--patients", type=int, help="simulator.patients")
-    p.add_argument("--workers", type=at_least(1), default=2)
+    p.add_argument("--workers", type=at_least(1), default=2, help="worker processes (2)")
     p.add_argument(
         "--partitions",
         type=at_least(1),
