@@ -331,7 +331,8 @@ def write_report(cfg: Config, demo: Demo, families: list, out: Path) -> Path:
         "",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M:%S')}",
         f"- Source: {label}; {cfg.simulator.patients} patients at {cfg.simulator.speed}x; "
-        f"{demo.n_workers} workers; broker {cfg.kafka.bootstrap_servers}",
+        f"{demo.n_workers} workers on {cfg.kafka.partitions} partitions; "
+        f"broker {cfg.kafka.bootstrap_servers}",
         "",
         "| measure | value |",
         "|---|---|",
