@@ -489,9 +489,9 @@ def render(r: dict) -> str:
     for row, base in zip(r["latency"], baselines):
         alone = " / ".join(f"{base[f'p{q}_ms']:.1f}" for q in (50, 95, 99)) if base else ""
         lines.append(
-            f"| {row['offered']:,.0f} | {row.get('partitions', '')} | {row['beats']} | "
-            f"{row['p50_ms']:.1f} | "
-            f"{row['p95_ms']:.1f} | {row['p99_ms']:.1f} | {_halves(row)} | {alone} | "
+            f"| {row['offered']:,.0f} | {row['partitions']} | {row['beats']} | "
+            f"{row['p50_ms']:.1f} | {row['p95_ms']:.1f} | {row['p99_ms']:.1f} | "
+            f"{_halves(row)} | {alone} | "
             f"{_halves(base) if base else ''} |"
         )
     return "\n".join(lines) + "\n"
