@@ -21,6 +21,7 @@ class ModelBatch:
     missing: np.ndarray  # (n, width) bool, padding counts as observed
     lengths: np.ndarray  # (n,) received samples per beat
     recoverable: np.ndarray  # row indices to repair (the others are too incomplete)
+    rhythm: np.ndarray  # (n, models.rhythm.N_FEATURES) each beat's rhythm features
 
 
 @dataclass

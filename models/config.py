@@ -21,9 +21,13 @@ class TrainConfig:
     template_beats: int = 40  # previous beats of a patient the template draws on
     template_matches: int = 8  # 0: their mean; m: the m that best match the beat's samples
     impute_weight: float = 60.0
-    recon_weight: float = 5.0
+    recon_weight: float = 5.0  # the reconstruction loss (nets without context)
     class_weight: float = 1.0
     max_class_weight: float = 20.0
+    class_weight_power: float = 0.5  # class weights ~ frequency**-power (0.5: inverse sqrt)
+    context: bool = True  # rhythm and the patient's usual beat as input (EcgNet 2)
+    abnormal_weight: float = 1.0  # the abnormality head's loss (context nets)
+    abnormal_pos_weight: float = 3.0  # weight of non-N beats in the abnormality loss
     beats_per_epoch: int = 0  # 0: every training beat once per epoch
     anomaly_quantile: float = 0.99  # threshold: this quantile of normal training beats' scores
     threads: int = 1  # 1: bit-reproducible runs, and `make train` runs two side by side

@@ -29,8 +29,10 @@ from models.baselines import linear_fill, spline_fill, template_fill, zero_fill
 from models.config import TrainConfig
 from models.masks import block, bursty, contiguous_gap, mask_batch, training_mask
 from models.model import Repair, load_checkpoint, repair
+from models.rhythm import N_FEATURES as N_RHYTHM
+from models.rhythm import UNKNOWN as RHYTHM_UNKNOWN
 from models.templates import TemplateSpec
-from models.train import ecg5000_scores, split_beats
+from models.train import BeatContext, beat_context, ecg5000_scores, split_beats
 
 BATCH = 1024
 WEIGHTS = Path(__file__).resolve().parent / "weights"
@@ -67,6 +69,7 @@ CONDITIONS = {
 }
 IMPUTATION_MASKS = ("block", "gap", "bursty")
 INTER_SETTINGS = {"inter": "clean", "inter_gap": "gap", "inter_mix": "mix"}
+COLD_BEATS = 20  # a patient's first beats: no rhythm yet, little history
 ANOMALY_SETTINGS = {"mitdb_clean": "clean", "mitdb_gap": "gap"}
 
 # baseline name -> filler(observed, missing, template); the model is evaluated next to them
@@ -82,6 +85,7 @@ LITERATURE_INTER = (  # study, accuracy, SVEB Se / +P, VEB Se / +P (DESIGN.md se
     ("de Chazal 2004", "86.2%", "76 / 39%", "78 / 82%"),
     ("Mar 2011", "89.9%", "83 / 34%", "87 / 76%"),
     ("Zhang 2014", "88.3%", "79 / 36%", "86 / 93%"),
+    ("Mondéjar-Guerra 2019", "94.5%", "~78 / ~50%", "~95 / ~87%"),
 )
 LITERATURE_OTHER = (
     (
@@ -110,6 +114,8 @@ class Run:
     missing: np.ndarray
     template: np.ndarray  # the mean template of the baseline (the model may use another)
     out: Repair
+    context: BeatContext  # what the model was given
+    position: np.ndarray  # each beat's index within its record (0 = the patient's first)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -186,6 +192,8 @@ def anomaly_metrics(is_anomaly: np.ndarray, scores: np.ndarray, threshold: float
         "accuracy": float((tn + tp) / max(len(scores), 1)),
         "normals_correct": _ratio(tn, tn + fp),
         "anomalies_correct": _ratio(tp, tp + fn),
+        "flag_rate_normal": _ratio(fp, tn + fp),
+        "flag_rate_anomalous": _ratio(tp, tp + fn),
         "confusion": cm.tolist(),
     }
 
@@ -200,15 +208,19 @@ def subsample(n: int, max_beats: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, max_beats, replace=False))
 
 
-def batched_repair(net, beats: D.Beats, missing, template, desc: str, progress: bool) -> Repair:
+def batched_repair(
+    net, beats: D.Beats, missing, context: BeatContext, desc: str, progress: bool
+) -> Repair:
     """`repair` over ~BATCH beats per call, concatenated."""
     parts = [
         repair(
             net,
             beats.samples[s : s + BATCH],
             missing[s : s + BATCH],
-            template[s : s + BATCH],
+            context.template[s : s + BATCH],
             beats.length[s : s + BATCH],
+            context.usual[s : s + BATCH],
+            context.features[s : s + BATCH],
         )
         for s in tqdm(range(0, len(beats), BATCH), desc=desc, disable=not progress, leave=False)
     ]
@@ -217,14 +229,27 @@ def batched_repair(net, beats: D.Beats, missing, template, desc: str, progress: 
 
 
 def masked_run(net, beats: D.Beats, rows, mask_fn, rng, desc: str, progress: bool) -> Run:
-    """Masks and causal templates on the full record sequence, then the model on `rows`."""
+    """Masks and causal context on the full record sequence, then the model on `rows`."""
     missing = mask_batch(mask_fn, rng, beats.length, beats.samples.shape[1])
-    args = (beats.samples, missing, beats.length, beats.record)
-    baseline = TemplateSpec().batch(*args)
-    model = baseline if net.config.template == TemplateSpec() else net.config.template.batch(*args)
+    baseline = TemplateSpec().batch(beats.samples, missing, beats.length, beats.record)
+    context = beat_context(net.config.template, beats, missing).subset(rows)
     sub, missing = beats.subset(rows), missing[rows]
-    out = batched_repair(net, sub, missing, model[rows], desc, progress)
-    return Run(sub, missing, baseline[rows], out)
+    out = batched_repair(net, sub, missing, context, desc, progress)
+    return Run(sub, missing, baseline[rows], out, context, record_positions(beats)[rows])
+
+
+def record_positions(beats: D.Beats) -> np.ndarray:
+    """Each beat's index within its record (beats in record order)."""
+    starts = np.flatnonzero(np.r_[True, beats.record[1:] != beats.record[:-1]])
+    return np.arange(len(beats)) - np.repeat(starts, np.diff(np.r_[starts, len(beats)]))
+
+
+def without_rhythm(net, run: Run, progress: bool) -> Repair:
+    """The ablation: the same beats and context with every beat's rhythm unknown."""
+    features = run.context.features.copy()
+    features[:, :N_RHYTHM] = RHYTHM_UNKNOWN
+    context = BeatContext(run.context.template, run.context.usual, features)
+    return batched_repair(net, run.beats, run.missing, context, "DS2 no rhythm", progress)
 
 
 def imputation_section(run: Run) -> tuple[dict, dict]:
@@ -299,6 +324,16 @@ def inter_sections(ckpt, data_dir: Path, max_beats: int, seed: int, progress: bo
             for key, c in ANOMALY_SETTINGS.items()
         },
     }
+    clean = runs["clean"]
+    predicted = clean.out.probabilities.argmax(1)
+    cold = clean.position < COLD_BEATS
+    parts["classification"] |= {
+        "inter_no_rhythm": classification_metrics(
+            labels, without_rhythm(net, clean, progress).probabilities.argmax(1)
+        ),
+        "inter_cold_start": classification_metrics(labels[cold], predicted[cold]),
+        "inter_warm": classification_metrics(labels[~cold], predicted[~cold]),
+    }
     return parts, runs, meta
 
 
@@ -363,11 +398,14 @@ def evaluate(
       class_beats{N..Q}} (beats = evaluated beats with at least one missing sample)
     - imputation[block|gap|bursty][model|template|linear|spline|zero]:
       {rmse, mae, vs_linear, per_class{N,S,V,F,Q: rmse}}
-    - classification[inter|inter_gap|inter_mix|intra]: {beats, accuracy, macro_f1,
-      per_class{N..Q: {support, sensitivity, ppv, f1}}, classes, confusion (rows = true)}
-      (inter: DS1 model on clean DS2; inter_gap: random-gap mask; inter_mix: training mix)
+    - classification[inter|inter_gap|inter_mix|inter_no_rhythm|inter_cold_start|inter_warm|
+      intra]: {beats, accuracy, macro_f1, per_class{N..Q: {support, sensitivity, ppv, f1}},
+      classes, confusion (rows = true)} (inter: DS1 model on clean DS2; inter_gap: random-gap
+      mask; inter_mix: training mix; inter_no_rhythm: clean with every RR feature unknown;
+      inter_cold_start / inter_warm: each record's first COLD_BEATS beats / the rest)
     - anomaly[mitdb_clean|mitdb_gap|ecg5000]: {beats, normals, anomalies, threshold, auc,
-      accuracy, normals_correct, anomalies_correct, confusion [[TN, FP], [FN, TP]]}
+      accuracy, normals_correct, anomalies_correct, flag_rate_normal, flag_rate_anomalous,
+      confusion [[TN, FP], [FN, TP]]}
     - training[inter|intra]: last epoch of the history {epochs, epoch, loss, impute_mse, ...}
     - figures: file names in out_dir
     """
@@ -537,7 +575,10 @@ def _classification_md(report: dict) -> list[str]:
         "## Classification (AAMI classes)",
         "",
         "inter: DS1 model on clean DS2 beats; inter_gap: with the random-gap mask; inter_mix: "
-        "with the training mask mix; intra: random beat split (leaks patients). macro-F1 is "
+        "with the training mask mix; inter_no_rhythm: clean, every beat's RR features set to "
+        "unknown (the ablation); inter_cold_start: each record's first "
+        f"{COLD_BEATS} beats (no rhythm yet, little history), inter_warm: the rest; intra: "
+        "random beat split (leaks patients). macro-F1 is "
         "over the classes present. Se = sensitivity, +P = positive predictivity.",
         "",
         *_table(header, rows),
@@ -562,8 +603,8 @@ def _anomaly_md(report: dict) -> list[str]:
         "threshold",
         "AUC",
         "accuracy",
-        "normals correct",
-        "anomalies correct",
+        "flagged: N beats",
+        "flagged: other beats",
     ]
     rows = [
         [
@@ -574,8 +615,8 @@ def _anomaly_md(report: dict) -> list[str]:
             _fmt(m["threshold"], ".5f"),
             _fmt(m["auc"], ".3f"),
             _pct(m["accuracy"]),
-            _pct(m["normals_correct"]),
-            _pct(m["anomalies_correct"]),
+            _pct(m["flag_rate_normal"]),
+            _pct(m["flag_rate_anomalous"]),
         ]
         for key, m in report["anomaly"].items()
         if m
@@ -584,7 +625,8 @@ def _anomaly_md(report: dict) -> list[str]:
         "## Anomaly flags (score > stored threshold)",
         "",
         "mitdb: DS1 model on DS2, N vs the rest (clean, and under the random-gap mask); "
-        "ecg5000: TEST, class 1 normal vs the rest.",
+        "ecg5000: TEST, class 1 normal vs the rest. Flagged: the share of each kind of beat "
+        "whose score is above the threshold (for N beats: the false-flag rate).",
         "",
         *_table(header, rows),
         "",
@@ -604,7 +646,7 @@ def _context_md(report: dict) -> list[str]:
             _fmt(t["loss"]),
             _fmt(np.sqrt(t["impute_mse"])),
             _fmt(t["class_ce"]),
-            _fmt(np.sqrt(t["recon_mse"])),
+            _fmt(t.get("anomaly_loss", t.get("recon_mse"))),
         ]
         for k, t in report["training"].items()
     ]
@@ -615,7 +657,7 @@ def _context_md(report: dict) -> list[str]:
         "",
         "Final training epoch:",
         "",
-        *_table(["model", "epochs", "loss", "impute RMSE", "class CE", "recon RMSE"], training),
+        *_table(["model", "epochs", "loss", "impute RMSE", "class CE", "anomaly loss"], training),
         "",
         "## Other reference numbers (DESIGN.md section 3)",
         "",

@@ -29,7 +29,9 @@ from torch import nn
 
 from models.baselines import linear_fill_tensor
 from models.batches import Repair
-from models.templates import TemplateSpec
+from models.rhythm import N_FEATURES
+from models.rhythm import UNKNOWN as RHYTHM_UNKNOWN
+from models.templates import N_MORPH, UNKNOWN_MORPH, TemplateSpec
 
 
 @dataclass
@@ -43,6 +45,11 @@ class NetConfig:
     refine: int = 0  # channels of the per-sample refinement convolution; 0 = none
     template_beats: int = 20  # the patient template the network was trained with
     template_matches: int = 0  # 0: mean of the previous beats; m: the m best-matching ones
+    # Patient context (EcgNet >= 2): the patient's usual beat as two more input channels, and
+    # the beat's rhythm and morphology features (`CONTEXT_FEATURES`) into the class head and
+    # an abnormality head, whose probability is the anomaly score. Without it the anomaly
+    # score is the reconstruction error of the latent decoder (EcgNet 1, the ECG5000 model).
+    context: bool = False
 
     @property
     def frames(self) -> int:
@@ -54,17 +61,21 @@ class NetConfig:
 
 
 INPUT_CHANNELS = 5
+CONTEXT_CHANNELS = 2  # the usual beat (0 where unknown) and its known flag
+CONTEXT_FEATURES = N_FEATURES + N_MORPH  # rhythm, then morphology
+CONTEXT_WIDTH = 32
 
 
 class EcgNet(nn.Module):
-    """Shared-encoder LSTM autoencoder: gap filling, AAMI classification, anomaly score."""
+    """Shared-encoder LSTM: gap filling, AAMI classification and an anomaly score."""
 
     def __init__(self, config: NetConfig):
         super().__init__()
         self.config = config
         c, h = config, config.hidden
+        channels = INPUT_CHANNELS + (CONTEXT_CHANNELS if c.context else 0)
         self.encoder = nn.LSTM(
-            INPUT_CHANNELS * c.patch, h, num_layers=c.layers, batch_first=True, bidirectional=True
+            channels * c.patch, h, num_layers=c.layers, batch_first=True, bidirectional=True
         )
         self.gap_head = nn.Linear(2 * h, c.patch)
         self.refiner = (
@@ -76,30 +87,51 @@ class EcgNet(nn.Module):
             if c.refine
             else None
         )
-        self.class_head = nn.Sequential(nn.Linear(4 * h, h), nn.ReLU(), nn.Linear(h, c.n_classes))
-        self.to_latent = nn.Linear(4 * h, c.latent)
-        self.decoder = nn.LSTM(c.latent, h, batch_first=True)
-        self.recon_head = nn.Linear(h, c.patch)
+        pooled = 4 * h
+        if c.context:
+            self.context_net = nn.Sequential(nn.Linear(CONTEXT_FEATURES, CONTEXT_WIDTH), nn.ReLU())
+            self.class_head = nn.Sequential(
+                nn.Linear(pooled + CONTEXT_WIDTH, h),
+                nn.ReLU(),
+                nn.Dropout(0.2),
+                nn.Linear(h, c.n_classes),
+            )
+            self.abnormal_head = nn.Sequential(
+                nn.Linear(pooled + CONTEXT_WIDTH, h), nn.ReLU(), nn.Linear(h, 1)
+            )
+        else:
+            self.class_head = nn.Sequential(
+                nn.Linear(pooled, h), nn.ReLU(), nn.Linear(h, c.n_classes)
+            )
+            self.to_latent = nn.Linear(pooled, c.latent)
+            self.decoder = nn.LSTM(c.latent, h, batch_first=True)
+            self.recon_head = nn.Linear(h, c.patch)
 
-    def forward(self, observed, missing, template, linear):
-        """All inputs (B, L) float tensors (missing as 0/1; template NaN where the patient's
-        recent beats never observed the sample). Returns fill, logits, recon."""
+    def forward(self, observed, missing, template, linear, usual=None, context=None):
+        """Inputs (B, L) float tensors (missing as 0/1; template and usual NaN where the
+        patient's recent beats never observed the sample), context (B, CONTEXT_FEATURES).
+        Returns fill, logits, and the anomaly output: the abnormality logit (context nets) or
+        the reconstruction (B, L)."""
         c = self.config
         width = observed.shape[1]
         pad = c.frames * c.patch - width
         known = ~torch.isnan(template)
-        x = torch.stack(
-            [observed, 1.0 - missing, torch.where(known, template, 0.0), known.float(), linear],
-            dim=-1,
-        )
-        x = nn.functional.pad(x, (0, 0, 0, pad))
-        frames = x.reshape(-1, c.frames, INPUT_CHANNELS * c.patch)
+        channels = [observed, 1.0 - missing, torch.where(known, template, 0.0), known.float()]
+        channels.append(linear)
+        if c.context:
+            usual_known = ~torch.isnan(usual)
+            channels += [torch.where(usual_known, usual, 0.0), usual_known.float()]
+        x = nn.functional.pad(torch.stack(channels, dim=-1), (0, 0, 0, pad))
+        frames = x.reshape(-1, c.frames, x.shape[-1] * c.patch)
         states, _ = self.encoder(frames)
         fill = linear + self.gap_head(states).flatten(1)[:, :width]
         if self.refiner is not None:
-            per_sample = torch.cat([x[:, :width], fill.unsqueeze(-1)], dim=-1).transpose(1, 2)
-            fill = fill + self.refiner(per_sample).squeeze(1)
+            per_sample = torch.cat([x[:, :width, :INPUT_CHANNELS], fill.unsqueeze(-1)], dim=-1)
+            fill = fill + self.refiner(per_sample.transpose(1, 2)).squeeze(1)
         pooled = torch.cat([states.mean(1), states.amax(1)], dim=-1)
+        if c.context:
+            summary = torch.cat([pooled, self.context_net(context)], dim=-1)
+            return fill, self.class_head(summary), self.abnormal_head(summary).squeeze(1)
         logits = self.class_head(pooled)
         z = self.to_latent(pooled)
         decoded, _ = self.decoder(z.unsqueeze(1).expand(-1, c.frames, -1).contiguous())
@@ -109,19 +141,22 @@ class EcgNet(nn.Module):
 
 class RepairPass(nn.Module):
     """The whole repair computation of a batch in torch ops: linear interpolation, the network,
-    observed samples copied through, class probabilities and the anomaly score."""
+    observed samples copied through, class probabilities and the anomaly score (the
+    abnormality probability of a context net, else the reconstruction MSE)."""
 
     def __init__(self, net: EcgNet):
         super().__init__()
         self.net = net
 
-    def forward(self, beats, missing, template, lengths):
+    def forward(self, beats, missing, template, lengths, usual, context):
         beats = torch.where(missing, torch.zeros_like(beats), beats)
         linear = linear_fill_tensor(beats, missing)
-        fill, logits, recon = self.net(beats, missing.float(), template, linear)
+        fill, logits, anomaly = self.net(beats, missing.float(), template, linear, usual, context)
         filled = torch.where(missing, fill, beats)
+        if self.net.config.context:
+            return filled, torch.softmax(logits, -1), torch.sigmoid(anomaly)
         signal = (torch.arange(beats.shape[1]) < lengths.unsqueeze(1)) & ~missing
-        err = ((recon - beats) ** 2 * signal).sum(1) / signal.sum(1).clamp(min=1)
+        err = ((anomaly - beats) ** 2 * signal).sum(1) / signal.sum(1).clamp(min=1)
         return filled, torch.softmax(logits, -1), err
 
 
@@ -137,6 +172,8 @@ def trace_repair(net: EcgNet) -> torch.jit.ScriptModule:
         torch.zeros(2, net.config.beat_len, dtype=torch.bool),
         torch.zeros(2, net.config.beat_len),
         torch.full((2,), net.config.beat_len),
+        torch.zeros(2, net.config.beat_len),
+        torch.zeros(2, CONTEXT_FEATURES),
     )
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -150,17 +187,31 @@ def repair(
     missing: np.ndarray,
     template: np.ndarray,
     lengths,
+    usual: np.ndarray | None = None,
+    context: np.ndarray | None = None,
 ) -> Repair:
     """Fill gaps, classify and score a batch in one pass. Observed samples are copied through.
-    `net` is an EcgNet or its `trace_repair`."""
+    `net` is an EcgNet or its `trace_repair`; `usual` (the patient's usual beat) and `context`
+    (rhythm and morphology features, `CONTEXT_FEATURES` per beat) default to unknown."""
     run = net if isinstance(net, torch.jit.ScriptModule) else RepairPass(net)
+    if usual is None:
+        usual = np.full(np.shape(beats), np.nan, np.float32)
+    if context is None:
+        context = unknown_context(len(beats))
     filled, probabilities, score = run(
         torch.from_numpy(np.ascontiguousarray(beats, dtype=np.float32)),
         torch.from_numpy(np.ascontiguousarray(missing, dtype=bool)),
         torch.from_numpy(np.ascontiguousarray(template, dtype=np.float32)),
         torch.from_numpy(np.asarray(lengths, dtype=np.int64)),
+        torch.from_numpy(np.ascontiguousarray(usual, dtype=np.float32)),
+        torch.from_numpy(np.ascontiguousarray(context, dtype=np.float32)),
     )
     return Repair(filled.numpy(), probabilities.numpy(), score.numpy())
+
+
+def unknown_context(n: int) -> np.ndarray:
+    """(n, CONTEXT_FEATURES) context of beats with no known rhythm or patient history."""
+    return np.tile(np.concatenate([RHYTHM_UNKNOWN, UNKNOWN_MORPH]), (n, 1))
 
 
 def signal_mask(lengths, width: int) -> np.ndarray:

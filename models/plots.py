@@ -16,7 +16,7 @@ HISTORY_PANELS = (
     ("loss", "total loss", np.asarray),
     ("impute_mse", "imputation RMSE (masked samples)", np.sqrt),
     ("class_ce", "classification cross-entropy", np.asarray),
-    ("recon_mse", "reconstruction RMSE", np.sqrt),
+    ("anomaly_loss", "anomaly loss (abnormality CE; EcgNet 1: reconstruction MSE)", np.asarray),
 )
 
 

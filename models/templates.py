@@ -17,12 +17,31 @@ a few array operations; training, evaluation and the worker all use it.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 TEMPLATE_BEATS = 20
 MIN_OVERLAP = 16  # samples both beats observed before a previous beat counts as a match
+MORPH_FEATURES = (
+    "morph_known",  # 1 once the patient has MIN_MORPH_HISTORY earlier beats to compare with
+    "best_vs_usual",  # log(distance to the best-matching earlier beat / its running median)
+    "mean_vs_usual",  # log(distance to the patient's mean beat / its running median)
+    "mean_distance",  # RMS distance to the patient's mean beat (scaled-beat units)
+)
+N_MORPH = len(MORPH_FEATURES)
+MIN_MORPH_HISTORY = 8
+UNKNOWN_MORPH = np.zeros(N_MORPH, np.float32)
+
+
+@dataclass
+class Context:
+    """What a patient's previous beats say about each beat of a batch."""
+
+    template: np.ndarray  # (n, width) the template the network was trained with (NaN: unknown)
+    usual: np.ndarray  # (n, width) mean of the previous beats' signal: the patient's usual beat
+    morph: np.ndarray  # (n, N_MORPH) how unlike its patient's earlier beats the beat is
 
 
 @dataclass(frozen=True)
@@ -39,8 +58,12 @@ class TemplateSpec:
         order within a group), exactly as the stream computes them."""
         if not self.matches:
             return running_templates(beats, missing, groups, self.beats)
+        return self.context_batch(beats, missing, lengths, groups).template
+
+    def context_batch(self, beats: np.ndarray, missing: np.ndarray, lengths, groups) -> Context:
+        """`batch` with the whole `Context` of every beat (a matched store's)."""
         _, slots = np.unique(groups, return_inverse=True)
-        return self.store(beats.shape[1]).advance(slots, beats, missing, lengths)
+        return self.store(beats.shape[1]).advance_context(slots, beats, missing, lengths)
 
 
 def running_templates(
@@ -83,6 +106,9 @@ class TemplateStore:
         self.width = width
         # per slot: the observed flags of its last k beats, then their values (contiguous)
         self.history = np.zeros((capacity, 2, spec.beats, width), np.float32)
+        # per slot and previous beat: its squared distance to its best match and to the mean
+        # beat when it arrived (NaN: none), the scale of "unlike" for this patient
+        self.distances = np.full((capacity, 2, spec.beats), np.nan, np.float32)
         self.seen = np.zeros(capacity, np.int64)
 
     def _fit(self, slots: int) -> None:
@@ -95,6 +121,9 @@ class TemplateStore:
         grown = np.zeros((capacity, *self.history.shape[1:]), np.float32)
         grown[: len(self.seen)] = self.history
         self.history = grown
+        distances = np.full((capacity, *self.distances.shape[1:]), np.nan, np.float32)
+        distances[: len(self.seen)] = self.distances
+        self.distances = distances
         self.seen = np.concatenate([self.seen, np.zeros(capacity - len(self.seen), np.int64)])
 
     def advance(
@@ -103,11 +132,20 @@ class TemplateStore:
         """The template of each beat from its slot's previous beats (earlier rows of the same
         slot included), then remember the beats. Rows of one slot must be in time order.
         `fresh` slots (a new patient's, possibly reused) forget their history first."""
+        return self.advance_context(slots, beats, missing, lengths, fresh).template
+
+    def advance_context(
+        self, slots, beats: np.ndarray, missing: np.ndarray, lengths, fresh=()
+    ) -> Context:
+        """`advance`, returning each beat's whole `Context`."""
         slots = np.asarray(slots, np.int64)
         if not len(slots):
-            return np.empty((0, self.width), np.float32)
+            empty = np.empty((0, self.width), np.float32)
+            return Context(empty, empty.copy(), np.empty((0, N_MORPH), np.float32))
         self._fit(int(slots.max()) + 1)
-        self.seen[np.asarray(fresh, np.int64)] = 0
+        fresh = np.asarray(fresh, np.int64)
+        self.seen[fresh] = 0
+        self.distances[fresh] = np.nan
         usable = ~missing
         if self.spec.matches:
             usable = usable & (np.arange(self.width) < np.asarray(lengths)[:, None])
@@ -115,23 +153,36 @@ class TemplateStore:
         current[:, 0] = usable
         np.copyto(current[:, 1], beats, where=usable)
         np.multiply(current[:, 1], current[:, 1], out=current[:, 2])
-        out = np.empty((len(slots), self.width), np.float32)
+        out = Context(
+            np.empty((len(slots), self.width), np.float32),
+            np.empty((len(slots), self.width), np.float32),
+            np.empty((len(slots), N_MORPH), np.float32),
+        )
         k = self.spec.beats
         for rows in _rounds(slots):
             ids = slots[rows]
-            out[rows] = self._templates(ids, current[rows])
-            self.history[ids, :, self.seen[ids] % k] = current[rows, :2]
+            position = self.seen[ids] % k
+            out.template[rows], out.usual[rows], out.morph[rows], dist = self._templates(
+                ids, current[rows]
+            )
+            self.history[ids, :, position] = current[rows, :2]
+            self.distances[ids, :, position] = dist
             self.seen[ids] += 1
         return out
 
-    def _templates(self, slots: np.ndarray, current: np.ndarray) -> np.ndarray:
-        """Templates for distinct slots; current: (n, 3, width) flags, values, squares."""
+    def _templates(self, slots: np.ndarray, current: np.ndarray):
+        """(template, usual beat, morph features, the beats' (best, mean) squared distances)
+        for distinct slots; current: (n, 3, width) flags, values, squares."""
         n, k = len(slots), self.spec.beats
         history = self.history[slots]  # (n, 2, k, width)
         flags, values = history[:, 0], history[:, 1]
         valid = np.arange(k) < np.minimum(self.seen[slots], k)[:, None]
+        usual = _weighted_mean(
+            valid.astype(np.float32), np.zeros((n, k), np.float32), flags, values
+        )
         offset = np.zeros((n, k), np.float32)
         chosen = valid
+        best_distance = np.full(n, np.nan, np.float32)
         if self.spec.matches:
             # sums[i, a, j, b]: over the samples both observed, term a (flag, value) of
             # previous beat j times term b (flag, value, value**2) of beat i.
@@ -151,11 +202,52 @@ class TemplateStore:
             # nothing overlaps enough (or no history): the plain mean of what there is
             alone = ~eligible.any(1)
             chosen[alone], offset[alone] = valid[alone], 0.0
-        weights = chosen.astype(np.float32)[:, None, :]
-        total = ((weights * offset[:, None, :]) @ flags + weights @ values)[:, 0]
-        observed = (weights @ flags)[:, 0]
-        template = np.full((n, self.width), np.nan, np.float32)
-        return np.divide(total, observed, out=template, where=observed > 0)
+            best_distance = np.where(alone, np.nan, distance.min(1)).astype(np.float32)
+        template = _weighted_mean(chosen.astype(np.float32), offset, flags, values)
+        mean_distance = _offset_distance(current, usual)
+        morph = self._morph(slots, best_distance, mean_distance, valid.sum(1))
+        return template, usual, morph, np.stack([best_distance, mean_distance], 1)
+
+    def _morph(self, slots, best: np.ndarray, mean: np.ndarray, held: np.ndarray) -> np.ndarray:
+        """Morphology features: each distance against the patient's running median of it."""
+        morph = np.zeros((len(slots), N_MORPH), np.float32)
+        earlier = self.distances[slots]  # (n, 2, k)
+        enough = (held >= MIN_MORPH_HISTORY) & np.isfinite(mean)
+        if not enough.any():
+            return morph
+        with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no history yet
+            scale = np.nanmedian(earlier[enough], axis=2)  # (m, 2)
+        current = np.stack([best[enough], mean[enough]], 1)
+        ratio = np.log((current + 1e-6) / (scale + 1e-6))
+        ratio = np.where(np.isfinite(ratio), np.clip(ratio, -4.0, 6.0), 0.0)
+        morph[enough, 0] = 1.0
+        morph[enough, 1:3] = ratio
+        morph[enough, 3] = np.minimum(np.sqrt(mean[enough]), 1.0)
+        return morph
+
+
+def _weighted_mean(weights, offset, flags, values) -> np.ndarray:
+    """Per row, the mean of the chosen previous beats (weights (n, k)), each shifted by its
+    offset, over the samples each observed; NaN where none did."""
+    w = weights[:, None, :]
+    total = ((w * offset[:, None, :]) @ flags + w @ values)[:, 0]
+    observed = (w @ flags)[:, 0]
+    mean = np.full(total.shape, np.nan, np.float32)
+    return np.divide(total, observed, out=mean, where=observed > 0)
+
+
+def _offset_distance(current: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Mean squared difference between each beat (current: flags, values, squares) and a
+    reference beat over the samples both have, after removing a constant offset; NaN where
+    they share fewer than MIN_OVERLAP samples."""
+    both = (current[:, 0] > 0) & np.isfinite(reference)
+    count = both.sum(1)
+    diff = np.where(both, current[:, 1] - np.where(both, reference, 0.0), 0.0)
+    shared = np.maximum(count, 1)
+    offset = diff.sum(1) / shared
+    squared = (diff * diff).sum(1) / shared - offset**2
+    return np.where(count >= MIN_OVERLAP, np.maximum(squared, 0.0), np.nan).astype(np.float32)
 
 
 def _rounds(slots: np.ndarray) -> list[np.ndarray]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +22,10 @@ from models.baselines import linear_fill
 from models.config import TrainConfig
 from models.masks import mask_batch, training_mask
 from models.model import EcgNet, NetConfig, repair, save_checkpoint, signal_mask
+from models.rhythm import sequence_features
 from models.templates import TemplateSpec
 
-MODEL_VERSION = "1.2.0"
+MODEL_VERSION = "2.0.0"
 NO_MLII = ("102", "104")
 
 
@@ -46,34 +47,67 @@ def split_beats(cfg: TrainConfig, data_dir: Path) -> tuple[D.Beats, D.Beats]:
     return beats.subset(train_idx), beats.subset(test_idx)
 
 
-def class_weights(labels: np.ndarray, n_classes: int, cap: float) -> torch.Tensor:
-    """Inverse square-root frequency weights, normalised to mean 1 over present classes, capped."""
+def class_weights(
+    labels: np.ndarray, n_classes: int, cap: float, power: float = 0.5
+) -> torch.Tensor:
+    """Inverse frequency**power weights (0.5: inverse square root), normalised to mean 1 over
+    present classes, capped."""
     counts = np.bincount(labels, minlength=n_classes).astype(float)
-    w = np.where(counts > 0, 1.0 / np.sqrt(np.maximum(counts, 1)), 0.0)
+    w = np.where(counts > 0, np.maximum(counts, 1) ** -power, 0.0)
     w = w / w[counts > 0].mean()
     return torch.tensor(np.minimum(w, cap), dtype=torch.float32)
 
 
-def model_inputs(beats: D.Beats, missing: np.ndarray, template: np.ndarray):
-    """Tensors (observed, missing, template, linear) for a batch."""
+def model_inputs(beats: D.Beats, missing: np.ndarray, context: BeatContext):
+    """Tensors (observed, missing, template, linear, usual, context) for a batch."""
     observed = np.where(missing, 0.0, beats.samples).astype(np.float32)
     linear = linear_fill(observed, missing)
-    return [
-        torch.from_numpy(np.ascontiguousarray(a, np.float32))
-        for a in (observed, missing, template, linear)
-    ]
+    arrays = (observed, missing, context.template, linear, context.usual, context.features)
+    return [torch.from_numpy(np.ascontiguousarray(a, np.float32)) for a in arrays]
+
+
+@dataclass
+class BeatContext:
+    """Per beat, what the patient's earlier beats say (as a worker computes it)."""
+
+    template: np.ndarray  # (n, L) the network's template (NaN: unknown)
+    usual: np.ndarray  # (n, L) the patient's usual beat (NaN: unknown)
+    features: np.ndarray  # (n, CONTEXT_FEATURES) rhythm, then morphology
+
+    def subset(self, index) -> BeatContext:
+        return BeatContext(self.template[index], self.usual[index], self.features[index])
+
+
+def beat_context(
+    spec: TemplateSpec, beats: D.Beats, missing: np.ndarray, starts=None, after_gap=None
+) -> BeatContext:
+    """The context of every beat from the earlier beats of its patient, computed by the same
+    code as the worker: templates (`TemplateStore`) and rhythm (`models.rhythm`). `starts`
+    marks where a patient's state begins afresh (default: each record's first beat),
+    `after_gap` the beats after lost beats (default: none)."""
+    first = np.r_[True, beats.record[1:] != beats.record[:-1]]
+    starts = first if starts is None else starts | first
+    after_gap = np.zeros(len(beats), bool) if after_gap is None else after_gap
+    groups = np.cumsum(starts)
+    ctx = spec.context_batch(beats.samples, missing, beats.length, groups)
+    rhythm = sequence_features(beats.time, after_gap, starts)
+    return BeatContext(ctx.template, ctx.usual, np.concatenate([rhythm, ctx.morph], axis=1))
 
 
 PERSISTENT_BLOCK = 0.10  # share of records losing samples 100-137 in every beat
 PERSISTENT_GAP = 0.05  # share of records losing the same random stretch in every beat
+RESET_BEATS = 300  # a patient's state starts afresh every this many beats on average
+LOST_BEATS = 0.01  # share of beats whose previous beat never arrived
 
 
 def epoch_masks(rng, beats: D.Beats, spec: TemplateSpec):
-    """Fresh training masks and the templates they imply.
+    """Fresh training masks and the context they imply.
 
     Some records lose the same samples in every beat (the reference block, or a fixed stretch,
     as a saturating amplifier would), so the patient template has no data there either and
-    the network learns what an unknown template means.
+    the network learns what an unknown template means. Patients' states are reset at random
+    (a rebalance, a new patient) and some beats follow lost ones, so the network also learns
+    beats whose rhythm and history are unknown.
     """
     missing = mask_batch(training_mask, rng, beats.length, D.BEAT_LEN)
     for record in np.unique(beats.record):
@@ -88,24 +122,34 @@ def epoch_masks(rng, beats: D.Beats, spec: TemplateSpec):
             stop = start + int(rng.integers(10, 60))
         missing[rows, start:stop] = True
         missing[rows] &= signal_mask(beats.length[rows], D.BEAT_LEN)
-    return missing, spec.batch(beats.samples, missing, beats.length, beats.record)
+    starts = rng.random(len(beats)) < 1.0 / RESET_BEATS
+    after_gap = rng.random(len(beats)) < LOST_BEATS
+    return missing, beat_context(spec, beats, missing, starts, after_gap)
 
 
-def losses(net, batch: D.Beats, missing, template, weights, cfg: TrainConfig):
-    """(total, impute, class, recon) losses of one batch."""
-    inputs = model_inputs(batch, missing, template)
-    fill, logits, recon = net(*inputs)
+def losses(net, batch: D.Beats, missing, context: BeatContext, weights, cfg: TrainConfig):
+    """(total, impute, class, anomaly) losses of one batch. The anomaly loss is the
+    abnormality head's cross-entropy (N vs the rest) for a context net, else the
+    reconstruction MSE on observed samples."""
+    inputs = model_inputs(batch, missing, context)
+    fill, logits, anomaly = net(*inputs)
     target = torch.from_numpy(batch.samples)
     signal = torch.from_numpy(signal_mask(batch.length, D.BEAT_LEN))
     miss = torch.from_numpy(missing) & signal
     obs = signal & ~miss
     impute = ((fill - target) ** 2 * miss).sum() / miss.sum().clamp(min=1)
-    rec = ((recon - target) ** 2 * obs).sum() / obs.sum().clamp(min=1)
-    cls = nn.functional.cross_entropy(
-        logits, torch.from_numpy(batch.label.astype(np.int64)), weight=weights
-    )
-    total = cfg.impute_weight * impute + cfg.recon_weight * rec + cfg.class_weight * cls
-    return total, impute, cls, rec
+    labels = torch.from_numpy(batch.label.astype(np.int64))
+    cls = nn.functional.cross_entropy(logits, labels, weight=weights)
+    if net.config.context:
+        abnormal = (labels != 0).float()
+        anom = nn.functional.binary_cross_entropy_with_logits(
+            anomaly, abnormal, pos_weight=torch.tensor(cfg.abnormal_pos_weight)
+        )
+    else:
+        anom = ((anomaly - target) ** 2 * obs).sum() / obs.sum().clamp(min=1)
+    anomaly_weight = cfg.abnormal_weight if net.config.context else cfg.recon_weight
+    total = cfg.impute_weight * impute + anomaly_weight * anom + cfg.class_weight * cls
+    return total, impute, cls, anom
 
 
 def train(cfg: TrainConfig, data_dir: Path, progress: bool = True):
@@ -124,9 +168,12 @@ def train(cfg: TrainConfig, data_dir: Path, progress: bool = True):
             refine=cfg.refine,
             template_beats=cfg.template_beats,
             template_matches=cfg.template_matches,
+            context=cfg.context,
         )
     )
-    weights = class_weights(train_beats.label, net.config.n_classes, cfg.max_class_weight)
+    weights = class_weights(
+        train_beats.label, net.config.n_classes, cfg.max_class_weight, cfg.class_weight_power
+    )
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     per_epoch = cfg.beats_per_epoch or len(train_beats)
     steps = cfg.epochs * -(-per_epoch // cfg.batch_size)
@@ -135,7 +182,7 @@ def train(cfg: TrainConfig, data_dir: Path, progress: bool = True):
     started = time.time()
     for epoch in range(cfg.epochs):
         net.train()
-        missing, template = epoch_masks(rng, train_beats, net.config.template)
+        missing, context = epoch_masks(rng, train_beats, net.config.template)
         order = rng.permutation(len(train_beats))[:per_epoch]
         sums = np.zeros(4)
         bar = tqdm(
@@ -146,7 +193,8 @@ def train(cfg: TrainConfig, data_dir: Path, progress: bool = True):
         )
         for start in bar:
             idx = np.sort(order[start : start + cfg.batch_size])
-            parts = losses(net, train_beats.subset(idx), missing[idx], template[idx], weights, cfg)
+            batch = train_beats.subset(idx)
+            parts = losses(net, batch, missing[idx], context.subset(idx), weights, cfg)
             opt.zero_grad()
             parts[0].backward()
             nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -161,14 +209,14 @@ def train(cfg: TrainConfig, data_dir: Path, progress: bool = True):
                 "loss": mean[0],
                 "impute_mse": mean[1],
                 "class_ce": mean[2],
-                "recon_mse": mean[3],
+                "anomaly_loss": mean[3],
                 "seconds": round(time.time() - started, 1),
             }
         )
         if progress:
             tqdm.write(
                 f"epoch {epoch + 1}: impute RMSE {np.sqrt(mean[1]):.4f} "
-                f"class CE {mean[2]:.3f} recon RMSE {np.sqrt(mean[3]):.4f}"
+                f"class CE {mean[2]:.3f} anomaly loss {mean[3]:.4f}"
             )
     net.eval()
     threshold = calibrate_threshold(net, train_beats, rng, cfg.anomaly_quantile)
@@ -195,15 +243,17 @@ def train(cfg: TrainConfig, data_dir: Path, progress: bool = True):
 
 def calibrate_threshold(net, beats: D.Beats, rng, quantile: float, limit: int = 20000) -> float:
     """Anomaly threshold: the given quantile of normal (N) training beats' scores, under the
-    training masks (the stream scores beats with gaps, so the threshold must too)."""
+    training masks and resets (the stream scores beats with gaps and cold starts, so the
+    threshold must too)."""
     normal = np.flatnonzero(beats.label == 0)
     idx = np.sort(rng.permutation(normal)[:limit])
-    missing, template = epoch_masks(rng, beats, net.config.template)
+    missing, context = epoch_masks(rng, beats, net.config.template)
     scores = []
     for start in range(0, len(idx), 1024):
         part = idx[start : start + 1024]
-        b = beats.subset(part)
-        scores.append(repair(net, b.samples, missing[part], template[part], b.length).anomaly_score)
+        b, c = beats.subset(part), context.subset(part)
+        out = repair(net, b.samples, missing[part], c.template, b.length, c.usual, c.features)
+        scores.append(out.anomaly_score)
     return float(np.quantile(np.concatenate(scores), quantile)) if scores else 1.0
 
 

@@ -1,8 +1,11 @@
 """The simulator loop: pace virtual patients' beats and publish them, keyed by patient.
 
 Pacing: by the records' own beat times divided by `speed` (0 = as fast as possible), or at a
-fixed total `rate` in beats/s. Deterministic for a given seed (the schedule and the dropout;
-wall-clock timestamps naturally differ).
+fixed total `rate` in beats/s. Deterministic for a given seed (the schedule and the dropout).
+
+A beat's `timestamp` is its R-peak time on the patient's own clock: the simulation's start
+plus the record time of the beat, so that the RR intervals a worker sees are the record's at
+any speed (at speed 10 the patients' clocks run 10x faster than the wall clock).
 """
 
 from __future__ import annotations
@@ -109,6 +112,7 @@ def simulate(
     # (unfrozen, its ~100 ms pauses held back sends and showed up as pipeline latency).
     gc.freeze()
     started = time.monotonic()
+    epoch = time.time()  # the patients' clocks start now and run in record time
     last_ts: dict[int, float] = {}
     emitted = 0
     log.info(
@@ -129,7 +133,7 @@ def simulate(
         index, rr_s = patient.next_beat()
         _pace(sim.speed, sim.rate, due, emitted, started, stop)
         beat = dropout.apply(patient, index, rr_s)
-        timestamp = max(time.time(), last_ts.get(i, 0.0) + 1e-6)
+        timestamp = max(epoch + due, last_ts.get(i, 0.0) + 1e-6)
         last_ts[i] = timestamp
         raw, truth = encode(beat, timestamp, sim.truth)
         key = beat.patient_id.encode()

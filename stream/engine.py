@@ -14,7 +14,7 @@ import torch
 import models
 from models.batches import ModelBatch, Repair
 from models.data import BEAT_LEN
-from models.model import EcgNet, load_checkpoint, repair, trace_repair
+from models.model import EcgNet, load_checkpoint, repair, trace_repair, unknown_context
 from models.templates import TemplateSpec, TemplateStore
 from stream.config import WorkerConfig
 
@@ -68,14 +68,20 @@ class Engine:
         """A worker's batch: every beat's template from its patient's earlier beats (then the
         beat joins that history), and one pass over the recoverable rows (None if none)."""
         started = time.perf_counter()
-        templates = self.templates.advance(
+        context = self.templates.advance_context(
             batch.slots, batch.beats, batch.missing, batch.lengths, batch.fresh
         )
         rows = batch.recoverable
         if not len(rows):
             return None
+        features = np.concatenate([batch.rhythm[rows], context.morph[rows]], axis=1)
         result = self.repair(
-            batch.beats[rows], batch.missing[rows], templates[rows], batch.lengths[rows]
+            batch.beats[rows],
+            batch.missing[rows],
+            context.template[rows],
+            batch.lengths[rows],
+            context.usual[rows],
+            features,
         )
         result.seconds = time.perf_counter() - started
         return result
@@ -87,19 +93,22 @@ class Engine:
             self.executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
         return self.executor.submit(self.serve, batch)
 
-    def repair(self, beats, missing, template, lengths) -> Repair:
+    def repair(self, beats, missing, template, lengths, usual=None, context=None) -> Repair:
         """One pass of the served model over a batch (see `models.model.repair`), run at
-        `padded_rows` rows (the padding rows are empty beats, dropped from the answer)."""
+        `padded_rows` rows (the padding rows are empty beats, dropped from the answer).
+        `usual` and `context` default to unknown."""
         n = len(beats)
+        usual = template if usual is None else usual
+        context = unknown_context(n) if context is None else context
         extra = padded_rows(n) - n
         if not extra:
-            return repair(self.runner, beats, missing, template, lengths)
-        beats, missing, template = (
+            return repair(self.runner, beats, missing, template, lengths, usual, context)
+        beats, missing, template, usual, context = (
             np.concatenate([a, np.zeros((extra, a.shape[1]), a.dtype)])
-            for a in (beats, missing, template)
+            for a in (beats, missing, template, usual, context)
         )
         lengths = np.concatenate([np.asarray(lengths), np.full(extra, beats.shape[1])])
-        result = repair(self.runner, beats, missing, template, lengths)
+        result = repair(self.runner, beats, missing, template, lengths, usual, context)
         return Repair(result.samples[:n], result.probabilities[:n], result.anomaly_score[:n])
 
     def warm_up(self, max_batch: int = WorkerConfig.max_batch) -> None:

@@ -73,6 +73,10 @@ def batch_offsets(records) -> tuple[dict, dict]:
     return after, first
 
 
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
 def resolved(value) -> Future:
     """A future that already holds `value`."""
     future: Future = Future()
@@ -121,6 +125,7 @@ class Processor:
                 missing=missing,
                 lengths=lengths,
                 recoverable=recoverable,
+                rhythm=np.array([a.admitted.rhythm for a in accepted]),
             )
             if len(recoverable):
                 self.metrics.batch_size.observe(len(recoverable))
@@ -205,6 +210,8 @@ class Processor:
             "fs": messages.BEAT_FS,
             "missing_count": n_missing,
             "missing_fraction": round(n_missing / len(beat.samples), 6),
+            "rr_interval_s": _rounded(a.admitted.rr_s, 4),
+            "heart_rate_bpm": _rounded(a.admitted.heart_rate_bpm, 1),
             "model_version": self.engine.version,
             "worker_id": self.worker_id,
             "received_partition": a.record.partition,

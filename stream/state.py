@@ -2,7 +2,9 @@
 
 A patient's beats all land in one partition, so the state is grouped by partition: when a
 rebalance takes a partition away, its patients' state is dropped, and the next owner rebuilds
-it from the beats that follow (counted in `ecg_state_resets_total`).
+it from the beats that follow (counted in `ecg_state_resets_total`). A patient's state is its
+sequence and clock, its template slot and its rhythm (`models.rhythm.RhythmState`: the
+previous R-peak time and the recent RR intervals), dropped and rebuilt together.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from models.rhythm import RhythmState
 from stream.messages import InvalidMessage, RawBeat
 
 
@@ -19,6 +22,7 @@ class PatientState:
     last_seq: int
     last_timestamp: float
     slot: int  # the patient's previous beats in the registry's TemplateStore
+    rhythm: RhythmState = field(default_factory=RhythmState)
 
 
 @dataclass
@@ -26,6 +30,9 @@ class Admitted:
     lost: int  # beats never received before this one
     slot: int  # the patient's template slot
     new: bool  # the patient's first beat here: its slot's old history must be forgotten
+    rhythm: np.ndarray  # the beat's rhythm features (`models.rhythm.FEATURES`)
+    rr_s: float | None  # pre-RR interval; None when unknown (first beat, after lost beats)
+    heart_rate_bpm: float | None  # from the recent RR intervals; None before any is known
 
 
 @dataclass
@@ -97,7 +104,8 @@ class PatientRegistry:
                 )
             lost = beat.seq - state.last_seq - 1
         state.last_seq, state.last_timestamp = beat.seq, beat.timestamp
-        return Admitted(lost, state.slot, new)
+        rhythm, rr = state.rhythm.observe(beat.timestamp, after_gap=lost > 0)
+        return Admitted(lost, state.slot, new, rhythm, rr, state.rhythm.heart_rate_bpm())
 
 
 def pad(beats: list[RawBeat], width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -15,6 +15,7 @@ import stream.engine
 from models import masks
 from models.batches import ModelBatch
 from models.model import repair
+from models.rhythm import UNKNOWN as RHYTHM_UNKNOWN
 from stream.engine import Engine, padded_rows
 from stream.model_process import ModelProcess, ModelProcessError
 
@@ -25,7 +26,8 @@ def _batch(record_100, n=64) -> ModelBatch:
     rng = np.random.default_rng(3)
     missing = masks.mask_batch(masks.training_mask, rng, beats.length, beats.samples.shape[1])
     slots = np.arange(n)
-    return ModelBatch(slots, slots.tolist(), beats.samples, missing, beats.length, slots)
+    rhythm = np.tile(RHYTHM_UNKNOWN, (n, 1))
+    return ModelBatch(slots, slots.tolist(), beats.samples, missing, beats.length, slots, rhythm)
 
 
 def test_model_process_answers_like_the_in_process_engine(checkpoint, record_100):
@@ -90,6 +92,7 @@ def test_served_batches_keep_each_patients_history_beside_the_model(checkpoint, 
                 missing[start : start + 16],
                 lengths[start : start + 16],
                 np.arange(1, 16),
+                np.tile(RHYTHM_UNKNOWN, (16, 1)),
             )
             for start, fresh in ((0, [0, 1, 2]), (16, []), (32, [1]))
         ]
@@ -99,7 +102,9 @@ def test_served_batches_keep_each_patients_history_beside_the_model(checkpoint, 
             assert got.samples.shape[0] == 15 and got.seconds > 0
             assert np.array_equal(got.samples, want.samples)
             assert np.array_equal(got.probabilities, want.probabilities)
-        nothing = ModelBatch(slots[:1], [], beats[:1], missing[:1], lengths[:1], np.arange(0))
+        nothing = ModelBatch(
+            slots[:1], [], beats[:1], missing[:1], lengths[:1], np.arange(0), RHYTHM_UNKNOWN[None]
+        )
         assert remote.serve(nothing) is None and local.serve(nothing) is None
     # Fresh slot 1 forgot what came before the third batch: a next beat's template is the
     # one a new store holding only the third batch's beats of slot 1 gives.
