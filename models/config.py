@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 class TrainConfig:
     split: str = "inter"  # inter: DS1 -> DS2 (de Chazal); intra: random beat split
     records: list[str] = field(default_factory=list)  # empty: all records of the split
-    epochs: int = 24
+    epochs: int = 16
     batch_size: int = 128
     lr: float = 3e-3
     seed: int = 0
@@ -26,10 +26,14 @@ class TrainConfig:
     max_class_weight: float = 20.0
     class_weight_power: float = 0.5  # class weights ~ frequency**-power (0.5: inverse sqrt)
     context: bool = True  # rhythm and the patient's usual beat as input (EcgNet 2)
+    rhythm: bool = True  # False: train and serve without the RR features (the ablation)
+    detach_heads: bool = False  # True: the encoder learns from the imputation loss alone
+    head_dropout: float = 0.2  # dropout in the class head
+    premature_ratio: float = 0.8  # an N-shaped beat this early against the recent RR is S
     abnormal_weight: float = 1.0  # the abnormality head's loss (context nets)
     abnormal_pos_weight: float = 3.0  # weight of non-N beats in the abnormality loss
     beats_per_epoch: int = 0  # 0: every training beat once per epoch
-    anomaly_quantile: float = 0.99  # threshold: this quantile of normal training beats' scores
+    anomaly_quantile: float = 0.999  # threshold: this quantile of N training beats' scores
     threads: int = 1  # 1: bit-reproducible runs, and `make train` runs two side by side
     output: str = "models/weights/ecgnet-ds1.pt"
 

@@ -177,6 +177,11 @@ def classification_metrics(labels: np.ndarray, predicted: np.ndarray) -> dict:
     }
 
 
+def _classified(labels: np.ndarray, predicted: np.ndarray) -> dict | None:
+    """`classification_metrics`, or None for no beats (a small subsample)."""
+    return classification_metrics(labels, predicted) if len(labels) else None
+
+
 def anomaly_metrics(is_anomaly: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
     """ROC AUC, and the confusion matrix [[TN, FP], [FN, TP]] of `score > threshold`."""
     is_anomaly = np.asarray(is_anomaly, bool)
@@ -331,8 +336,8 @@ def inter_sections(ckpt, data_dir: Path, max_beats: int, seed: int, progress: bo
         "inter_no_rhythm": classification_metrics(
             labels, without_rhythm(net, clean, progress).probabilities.argmax(1)
         ),
-        "inter_cold_start": classification_metrics(labels[cold], predicted[cold]),
-        "inter_warm": classification_metrics(labels[~cold], predicted[~cold]),
+        "inter_cold_start": _classified(labels[cold], predicted[cold]),
+        "inter_warm": _classified(labels[~cold], predicted[~cold]),
     }
     return parts, runs, meta
 

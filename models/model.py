@@ -50,6 +50,13 @@ class NetConfig:
     # an abnormality head, whose probability is the anomaly score. Without it the anomaly
     # score is the reconstruction error of the latent decoder (EcgNet 1, the ECG5000 model).
     context: bool = False
+    context_features: int = 0  # the rhythm + morphology features it was trained with
+    rhythm: bool = True  # False: the rhythm features are always unknown (the ablation)
+    detach_heads: bool = False  # the class and abnormality losses do not train the encoder
+    head_dropout: float = 0.2  # dropout before the class head's output layer
+    # A beat of supraventricular (N or S) morphology whose pre-RR is below this share of the
+    # patient's recent average is premature: S (`premature_supraventricular`). 0: off.
+    premature_ratio: float = 0.0
 
     @property
     def frames(self) -> int:
@@ -61,7 +68,7 @@ class NetConfig:
 
 
 INPUT_CHANNELS = 5
-CONTEXT_CHANNELS = 2  # the usual beat (0 where unknown) and its known flag
+CONTEXT_CHANNELS = 3  # the usual beat, its known flag, the beat's difference to it (0: unknown)
 CONTEXT_FEATURES = N_FEATURES + N_MORPH  # rhythm, then morphology
 CONTEXT_WIDTH = 32
 
@@ -93,7 +100,7 @@ class EcgNet(nn.Module):
             self.class_head = nn.Sequential(
                 nn.Linear(pooled + CONTEXT_WIDTH, h),
                 nn.ReLU(),
-                nn.Dropout(0.2),
+                nn.Dropout(c.head_dropout),
                 nn.Linear(h, c.n_classes),
             )
             self.abnormal_head = nn.Sequential(
@@ -120,7 +127,12 @@ class EcgNet(nn.Module):
         channels.append(linear)
         if c.context:
             usual_known = ~torch.isnan(usual)
-            channels += [torch.where(usual_known, usual, 0.0), usual_known.float()]
+            both = usual_known & (missing == 0)
+            channels += [
+                torch.where(usual_known, usual, 0.0),
+                usual_known.float(),
+                torch.where(both, observed - torch.where(usual_known, usual, 0.0), 0.0),
+            ]
         x = nn.functional.pad(torch.stack(channels, dim=-1), (0, 0, 0, pad))
         frames = x.reshape(-1, c.frames, x.shape[-1] * c.patch)
         states, _ = self.encoder(frames)
@@ -130,7 +142,11 @@ class EcgNet(nn.Module):
             fill = fill + self.refiner(per_sample.transpose(1, 2)).squeeze(1)
         pooled = torch.cat([states.mean(1), states.amax(1)], dim=-1)
         if c.context:
-            summary = torch.cat([pooled, self.context_net(context)], dim=-1)
+            if not c.rhythm:  # the ablation: every beat's rhythm unknown, as in its training
+                unknown = torch.from_numpy(RHYTHM_UNKNOWN).expand(context.shape[0], -1)
+                context = torch.cat([unknown, context[:, N_FEATURES:]], dim=1)
+            shared = pooled.detach() if c.detach_heads else pooled
+            summary = torch.cat([shared, self.context_net(context)], dim=-1)
             return fill, self.class_head(summary), self.abnormal_head(summary).squeeze(1)
         logits = self.class_head(pooled)
         z = self.to_latent(pooled)
@@ -154,10 +170,41 @@ class RepairPass(nn.Module):
         fill, logits, anomaly = self.net(beats, missing.float(), template, linear, usual, context)
         filled = torch.where(missing, fill, beats)
         if self.net.config.context:
-            return filled, torch.softmax(logits, -1), torch.sigmoid(anomaly)
+            probabilities = torch.softmax(logits, -1)
+            if self.net.config.premature_ratio and self.net.config.rhythm:
+                probabilities = premature_supraventricular(
+                    probabilities, context, self.net.config.premature_ratio
+                )
+            return filled, probabilities, torch.sigmoid(anomaly)
         signal = (torch.arange(beats.shape[1]) < lengths.unsqueeze(1)) & ~missing
         err = ((anomaly - beats) ** 2 * signal).sum(1) / signal.sum(1).clamp(min=1)
         return filled, torch.softmax(logits, -1), err
+
+
+PREMATURE_SOFTNESS = 0.025  # width of the soft step around the prematurity threshold
+
+
+def premature_supraventricular(probabilities, context, ratio: float):
+    """Class probabilities with the rhythm's verdict on supraventricular beats.
+
+    The class head learns morphology well across patients but S beats poorly: their shape is
+    normal, and DS1's 944 S beats come from a few patients. The rhythm generalises: a beat of
+    normal (supraventricular) morphology that comes early against the patient's own recent
+    rhythm is a premature supraventricular beat, the prematurity rule of Holter analysis.
+    The probability of a supraventricular morphology (N + S) is kept and split between N and
+    S: S gets at least the share a soft step at `ratio` x the recent mean RR gives."""
+    known = context[:, 0] > 0
+    premature = torch.sigmoid((ratio - context[:, 2]) / PREMATURE_SOFTNESS) * known
+    supra = probabilities[:, 0] + probabilities[:, 1]
+    share = torch.maximum(probabilities[:, 1] / supra.clamp(min=1e-12), premature)
+    return torch.cat(
+        [
+            (supra * (1 - share)).unsqueeze(1),
+            (supra * share).unsqueeze(1),
+            probabilities[:, 2:],
+        ],
+        dim=1,
+    )
 
 
 def trace_repair(net: EcgNet) -> torch.jit.ScriptModule:
@@ -274,6 +321,11 @@ def load_checkpoint(path) -> tuple[EcgNet, dict]:
         why = next((ln.strip() for ln in str(exc).splitlines() if "Unsupported" in ln), "")
         raise CheckpointError(f"{path}: refused to load an unsafe checkpoint {why[:160]}") from None
     net = EcgNet(NetConfig(**blob["config"]))
+    if net.config.context and net.config.context_features != CONTEXT_FEATURES:
+        raise CheckpointError(
+            f"{path}: trained with {net.config.context_features} context features, this code "
+            f"computes {CONTEXT_FEATURES} (models/rhythm.py, models/templates.py)"
+        )
     net.load_state_dict(blob["state_dict"])
     net.eval()
     return net, blob["meta"]

@@ -27,9 +27,11 @@ FEATURES = (
     "local_vs_long",  # recent average / the average of up to RR_HISTORY intervals
     "history",  # known intervals held / RR_HISTORY: how much the averages can be trusted
     "pre_rr_vs_long",  # pre-RR / the longer-term average (1 when unknown)
+    "irregularity",  # mean |successive difference| of the recent intervals / their mean
 )
 N_FEATURES = len(FEATURES)
-UNKNOWN = np.array([0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0], np.float32)
+UNKNOWN = np.array([0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0], np.float32)
+PREMATURE = 0.9  # pre-RR below this share of the recent average: a premature beat
 
 
 class RhythmState:
@@ -59,6 +61,9 @@ class RhythmState:
             long = sum(self.intervals) / held
             features[4] = local / long
             features[5] = held / RR_HISTORY
+            if len(recent) > 1:
+                steps = sum(abs(b - a) for a, b in zip(recent, recent[1:]))
+                features[7] = steps / (len(recent) - 1) / local
             if rr is not None:
                 features[2] = rr / local
                 features[3] = rr / self.intervals[-1]
@@ -75,6 +80,13 @@ class RhythmState:
             return None
         recent = list(self.intervals)[-LOCAL_BEATS:]
         return 60.0 * len(recent) / sum(recent)
+
+
+def not_premature(features: np.ndarray) -> np.ndarray:
+    """(n,) bool: beats whose rhythm says they came on time (pre-RR known and at least
+    PREMATURE of the recent average). Their mean is the patient's usual (sinus) beat: premature
+    beats, most ectopic beats among them, stay out of it even when they are frequent."""
+    return (features[:, 0] == 1) & (features[:, 2] >= PREMATURE)
 
 
 def sequence_features(times: np.ndarray, after_gap: np.ndarray, starts: np.ndarray) -> np.ndarray:

@@ -21,8 +21,15 @@ from models import data as D
 from models.baselines import linear_fill
 from models.config import TrainConfig
 from models.masks import mask_batch, training_mask
-from models.model import EcgNet, NetConfig, repair, save_checkpoint, signal_mask
-from models.rhythm import sequence_features
+from models.model import (
+    CONTEXT_FEATURES,
+    EcgNet,
+    NetConfig,
+    repair,
+    save_checkpoint,
+    signal_mask,
+)
+from models.rhythm import not_premature, sequence_features
 from models.templates import TemplateSpec
 
 MODEL_VERSION = "2.0.0"
@@ -89,8 +96,8 @@ def beat_context(
     starts = first if starts is None else starts | first
     after_gap = np.zeros(len(beats), bool) if after_gap is None else after_gap
     groups = np.cumsum(starts)
-    ctx = spec.context_batch(beats.samples, missing, beats.length, groups)
     rhythm = sequence_features(beats.time, after_gap, starts)
+    ctx = spec.context_batch(beats.samples, missing, beats.length, groups, not_premature(rhythm))
     return BeatContext(ctx.template, ctx.usual, np.concatenate([rhythm, ctx.morph], axis=1))
 
 
@@ -169,6 +176,11 @@ def train(cfg: TrainConfig, data_dir: Path, progress: bool = True):
             template_beats=cfg.template_beats,
             template_matches=cfg.template_matches,
             context=cfg.context,
+            context_features=CONTEXT_FEATURES if cfg.context else 0,
+            rhythm=cfg.rhythm,
+            detach_heads=cfg.detach_heads,
+            head_dropout=cfg.head_dropout,
+            premature_ratio=cfg.premature_ratio,
         )
     )
     weights = class_weights(

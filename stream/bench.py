@@ -73,10 +73,15 @@ def _rate(fn, beats: int, min_seconds: float) -> float:
 
 
 def model_throughput(
-    engine: Engine, min_seconds: float, batch_sizes=BATCH_SIZES, threads: int = 0
+    engine: Engine,
+    min_seconds: float,
+    batch_sizes=BATCH_SIZES,
+    threads: int = 0,
+    compare: Engine | None = None,
 ) -> list[dict]:
     """Beats/s of the shipped model and of the reference pair, per batch size (with `threads`
-    torch threads; 0: the current setting)."""
+    torch threads; 0: the current setting), and of a `compare` model measured in turn with
+    them (same inputs, same run: a ratio that holds on any machine)."""
     reference_ae, reference_cls = ReferenceAutoencoder().eval(), ReferenceClassifier().eval()
     rng = np.random.default_rng(0)
     rows = []
@@ -88,22 +93,23 @@ def model_throughput(
         lengths = np.full(b, 150)
         tensor = torch.from_numpy(beats)
 
-        def shipped(beats=beats, missing=missing, lengths=lengths):
-            engine.repair(beats, missing, beats, lengths)
+        def served(model, beats=beats, missing=missing, lengths=lengths):
+            return lambda: model.repair(beats, missing, beats, lengths)
 
         def reference(tensor=tensor):
             with torch.inference_mode():
                 reference_ae(tensor)
                 reference_cls(tensor)
 
-        rows.append(
-            {
-                "batch": b,
-                "shipped": _rate(shipped, b, min_seconds),
-                "reference": _rate(reference, b, min_seconds),
-                "threads": torch.get_num_threads(),
-            }
-        )
+        row = {
+            "batch": b,
+            "shipped": _rate(served(engine), b, min_seconds),
+            "reference": _rate(reference, b, min_seconds),
+            "threads": torch.get_num_threads(),
+        }
+        if compare is not None:
+            row["compare"] = _rate(served(compare), b, min_seconds)
+        rows.append(row)
     torch.set_num_threads(before)
     return rows
 
@@ -343,21 +349,24 @@ def _stamps(cfg: Config, topic: str) -> dict:
         consumer.close()
 
 
-def run_benchmarks(cfg: Config, out: Path, quick: bool = False) -> dict:
-    """Run every benchmark; print a Markdown table; write out/bench.json."""
+def run_benchmarks(cfg: Config, out: Path, quick: bool = False, compare: str = "") -> dict:
+    """Run every benchmark; print a Markdown table; write out/bench.json. `compare`: another
+    checkpoint whose model-only throughput is measured beside the shipped one's."""
     out.mkdir(parents=True, exist_ok=True)
     scale = 0.1 if quick else 1.0
     torch.set_num_threads(cfg.model.torch_threads)
     engine = Engine.load(cfg.model.checkpoint, cfg.model.torch_threads, cfg.worker.max_batch)
+    other = Engine.load(compare, cfg.model.torch_threads, cfg.worker.max_batch) if compare else None
     results: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": machine(),
         "model_version": engine.version,
+        "compare_version": other.version if other else None,
         "max_batch": cfg.worker.max_batch,
         "max_wait_ms": cfg.worker.max_wait_ms,
     }
     print("1. model-only throughput", flush=True)
-    results["model"] = model_throughput(engine, 0.3 if quick else 2.0)
+    results["model"] = model_throughput(engine, 0.3 if quick else 2.0, compare=other)
     cores = os.cpu_count() or 1
     if cores != cfg.model.torch_threads:
         results["model_all_cores"] = model_throughput(
@@ -448,13 +457,23 @@ def render(r: dict) -> str:
         f"max_batch={r['max_batch']}, max_wait_ms={r['max_wait_ms']}",
         "",
         "| batch | torch threads | shipped EcgNet (beats/s) | reference AE + classifier "
-        "(beats/s) | ratio |",
-        "|---:|---:|---:|---:|---:|",
+        "(beats/s) | ratio |"
+        + (
+            f" compared: {r['compare_version']} (beats/s) | shipped / compared |"
+            if r.get("compare_version")
+            else ""
+        ),
+        "|---:|---:|---:|---:|---:|" + ("---:|---:|" if r.get("compare_version") else ""),
     ]
     for row in r["model"] + r.get("model_all_cores", []):
+        compared = (
+            f" {row['compare']:,.0f} | {row['shipped'] / row['compare']:.2f}x |"
+            if "compare" in row
+            else (" | |" if r.get("compare_version") else "")
+        )
         lines.append(
             f"| {row['batch']} | {row['threads']} | {row['shipped']:,.0f} | "
-            f"{row['reference']:,.0f} | {row['shipped'] / row['reference']:.1f}x |"
+            f"{row['reference']:,.0f} | {row['shipped'] / row['reference']:.1f}x |" + compared
         )
     lines += [
         "",

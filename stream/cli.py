@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("bench", "benchmarks: models, Kafka ceiling, workers, latency, memory")
     p.add_argument("--out", default="reports/bench", help="output directory (JSON)")
     p.add_argument("--quick", action="store_true", help="smaller runs (CI smoke)")
+    p.add_argument(
+        "--compare",
+        default="",
+        metavar="CHECKPOINT",
+        help="also measure this checkpoint's model-only throughput, side by side",
+    )
 
     add("broker", "run the embedded Kafka-protocol broker (Tansu) until interrupted")
     add("config", "print the effective configuration as JSON")
@@ -342,7 +348,9 @@ def cmd_demo(cfg, args):
 def cmd_bench(cfg, args):
     from stream.bench import run_benchmarks
 
-    run_benchmarks(cfg, Path(args.out), quick=args.quick)
+    if args.compare and not Path(args.compare).is_file():
+        raise FileNotFoundError(f"--compare: checkpoint not found: {args.compare}")
+    run_benchmarks(cfg, Path(args.out), quick=args.quick, compare=args.compare)
 
 
 def cmd_broker(cfg, args):

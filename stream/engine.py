@@ -15,6 +15,7 @@ import models
 from models.batches import ModelBatch, Repair
 from models.data import BEAT_LEN
 from models.model import EcgNet, load_checkpoint, repair, trace_repair, unknown_context
+from models.rhythm import not_premature
 from models.templates import TemplateSpec, TemplateStore
 from stream.config import WorkerConfig
 
@@ -69,7 +70,12 @@ class Engine:
         beat joins that history), and one pass over the recoverable rows (None if none)."""
         started = time.perf_counter()
         context = self.templates.advance_context(
-            batch.slots, batch.beats, batch.missing, batch.lengths, batch.fresh
+            batch.slots,
+            batch.beats,
+            batch.missing,
+            batch.lengths,
+            batch.fresh,
+            not_premature(batch.rhythm),
         )
         rows = batch.recoverable
         if not len(rows):

@@ -64,6 +64,7 @@ def test_anomaly_metrics_hand_computed():
     assert m["accuracy"] == pytest.approx(4 / 5)
     assert m["normals_correct"] == pytest.approx(2 / 3)
     assert m["anomalies_correct"] == pytest.approx(1.0)
+    assert m["flag_rate_normal"] == pytest.approx(1 / 3) and m["flag_rate_anomalous"] == 1.0
     assert m["auc"] == pytest.approx(5 / 6)  # 5 of the 6 (anomaly, normal) pairs ranked right
 
 
@@ -129,6 +130,10 @@ def test_smoke_report_keys(smoke):
         for method in E.METHODS:
             assert report["imputation"][mask][method]["rmse"] > 0
     assert 0 <= report["classification"]["inter"]["macro_f1"] <= 1
+    ablation = report["classification"]["inter_no_rhythm"]
+    assert ablation["beats"] == SMOKE_BEATS
+    cold, warm = (report["classification"][k] for k in ("inter_cold_start", "inter_warm"))
+    assert (cold["beats"] if cold else 0) + warm["beats"] == SMOKE_BEATS
     assert 0 <= report["classification"]["intra"]["accuracy"] <= 1
     assert 0 <= report["anomaly"]["ecg5000"]["accuracy"] <= 1
     assert report["anomaly"]["mitdb_gap"]["auc"] is not None

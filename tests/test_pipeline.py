@@ -168,9 +168,7 @@ def test_simulator_to_two_workers(pipeline_config, checkpoint, tmp_path, mixed_d
 
     # The anomaly flag's false-flag rate on N beats stays within the rate the model card
     # states (measured on DS2), here under heavier dropout and with cold starts.
-    normal = [
-        m for key, m in repaired.items() if m["anomaly"] and truth[key]["label"] == "N"
-    ]
+    normal = [m for key, m in repaired.items() if m["anomaly"] and truth[key]["label"] == "N"]
     flag_rate = sum(m["anomaly"]["flag"] for m in normal) / len(normal)
     assert len(normal) > 3000 and flag_rate <= STATED_N_FLAG_RATE, flag_rate
 

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from models import masks
-from models.rhythm import MAX_RR_S, N_FEATURES, RhythmState, sequence_features
+from models.rhythm import (
+    MAX_RR_S,
+    N_FEATURES,
+    RhythmState,
+    not_premature,
+    sequence_features,
+)
 from models.templates import TemplateSpec
 from models.train import beat_context
 from stream import messages
@@ -29,10 +35,10 @@ def test_rr_features_follow_the_definition():
         state.observe(t)
     features, rr = state.observe(12.5)  # premature: half the usual interval
     assert rr == pytest.approx(0.5)
-    known, pre_rr, vs_local, vs_last, local_vs_long, history, vs_long = features
+    known, pre_rr, vs_local, vs_last, local_vs_long, history, vs_long, irregular = features
     assert (known, pre_rr, vs_local, vs_last) == pytest.approx((1, 0.5, 0.5, 0.5))
     assert local_vs_long == pytest.approx(1.0) and history == pytest.approx(2 / 32)
-    assert vs_long == pytest.approx(0.5)
+    assert vs_long == pytest.approx(0.5) and irregular == pytest.approx(0.0)
     assert state.heart_rate_bpm() == pytest.approx(60 * 3 / 2.5)
     after_gap, rr = state.observe(13.5, after_gap=True)
     assert rr is None and after_gap[0] == 0 and after_gap[2] == 1.0  # unknown, not invented
@@ -70,6 +76,7 @@ def test_the_worker_computes_the_training_features_for_the_same_beats(record_100
             missing[idx],
             beats.length[idx],
             [a.slot for _, a in batch if a.new],
+            not_premature(np.array([a.rhythm for _, a in batch])),
         )
         got_morph.append(context.morph)
         batch.clear()
