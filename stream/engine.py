@@ -104,7 +104,7 @@ class Engine:
         `padded_rows` rows (the padding rows are empty beats, dropped from the answer).
         `usual` and `context` default to unknown."""
         n = len(beats)
-        usual = template if usual is None else usual
+        usual = np.full(np.shape(beats), np.nan, np.float32) if usual is None else usual
         context = unknown_context(n) if context is None else context
         extra = padded_rows(n) - n
         if not extra:

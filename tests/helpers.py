@@ -261,14 +261,30 @@ def wait_for_stable_group(partitions: int, ports, timeout_s: float = 90.0) -> No
     raise AssertionError(f"the group did not settle in {timeout_s} s: {owned}")
 
 
-def run_simulator(cfg: Config):
-    """The simulator in this process (a thread or the test itself), on its own producer."""
+def wait_until(condition, timeout_s: float, what: str, every_s: float = 0.2) -> None:
+    """Until `condition()` holds; an AssertionError naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(every_s)
+    raise AssertionError(f"{what}: not within {timeout_s} s")
+
+
+def consumed(port: int) -> float:
+    """Raw messages a worker has consumed so far (0 while its endpoint is not up)."""
+    return metric_sum(try_scrape(port) or {}, "ecg_messages_consumed_total")
+
+
+def run_simulator(cfg: Config, stop=None):
+    """The simulator in this process (a thread or the test itself), on its own producer,
+    until its budget is spent or `stop` (a threading.Event) is set."""
     from simulator.run import simulate
     from stream.kafka import make_producer
     from stream.metrics import SimulatorMetrics
 
     producer = make_producer(cfg.kafka)
     try:
-        return simulate(cfg, producer, SimulatorMetrics())
+        return simulate(cfg, producer, SimulatorMetrics(), stop)
     finally:
         producer.close()

@@ -11,10 +11,12 @@ from stream.config import load_config
 
 def test_quick_bench_reports_every_phase(data_dir, checkpoint, tmp_path):
     cfg = load_config(overrides=[f"data.mitdb_dir={data_dir}", "metrics.port=0"], env={})
-    results = run_benchmarks(cfg, tmp_path, quick=True)
+    results = run_benchmarks(cfg, tmp_path, quick=True, compare=str(checkpoint))
 
     assert [row["batch"] for row in results["model"]] == list(BATCH_SIZES)
     assert all(row["shipped"] > 0 and row["reference"] > 0 for row in results["model"])
+    assert all(row["compare"] > 0 for row in results["model"])  # measured in the same run
+    assert results["compare_version"] == results["model_version"]
     assert results["passthrough"] > 0 and results["worker"] > 0 and results["naive"] > 0
     assert {"io", "model"} <= set(results["worker_peak_rss_by_process_mb"])
     assert results["worker_peak_rss_mb"] == sum(results["worker_peak_rss_by_process_mb"].values())
@@ -33,4 +35,5 @@ def test_quick_bench_reports_every_phase(data_dir, checkpoint, tmp_path):
     assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(results))
     table = (tmp_path / "bench.md").read_text()
     assert "| offered load (beats/s) | partitions |" in table
+    assert f"compared: {results['compare_version']} (beats/s) | shipped / compared |" in table
     assert table.count("\n| 1,000 | ") == len(partitions)

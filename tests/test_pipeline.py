@@ -17,6 +17,7 @@ from stream.evaluator import LiveEvaluator
 from stream.kafka import CachedKeyPartitioner, ensure_topics
 from stream.tail import tail
 from tests.helpers import (
+    consumed,
     decode,
     metric_sum,
     read_topic,
@@ -26,6 +27,7 @@ from tests.helpers import (
     stop_workers,
     wait_for_metrics,
     wait_for_stable_group,
+    wait_until,
 )
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "stream" / "schemas"
@@ -203,33 +205,40 @@ def test_simulator_to_two_workers(pipeline_config, checkpoint, tmp_path, mixed_d
 
 
 def test_rebalance_third_joins_one_leaves(pipeline_config, checkpoint, tmp_path, mixed_dropout):
+    """A worker joins mid-stream and takes partitions, another leaves: nothing is lost. The
+    simulator runs until each step has happened (its pace is no clock for a busy machine)."""
     cfg = pipeline_config(
         "simulator.patients=12",
         "simulator.rate=500",
-        "simulator.beats=6000",
         "simulator.seed=5",
         *mixed_dropout,
     )
     ensure_topics(cfg.kafka, cfg.topics)
     procs = start_workers(cfg, tmp_path, 2)
+    stop = threading.Event()
     try:
         for _, port in procs:
             wait_for_metrics(port)
         sim = {}
-        thread = threading.Thread(target=lambda: sim.update(r=run_simulator(cfg)))
+        thread = threading.Thread(target=lambda: sim.update(r=run_simulator(cfg, stop)))
         thread.start()
-        time.sleep(3)
+        wait_until(lambda: sum(consumed(p) for _, p in procs) > 500, 120, "two workers consume")
         procs += start_workers(cfg, tmp_path, 1, first=2)  # a third worker joins
-        wait_for_metrics(procs[2][1])
+        joiner = procs[2][1]
+        wait_for_metrics(joiner)
         wait_for_stable_group(cfg.kafka.partitions, [port for _, port in procs])
-        time.sleep(1)
+        wait_until(lambda: consumed(joiner) > 0, 120, "the joining worker gets beats")
         first, _ = procs[0]
         first.send_signal(signal.SIGTERM)  # one leaves mid-stream
         assert first.wait(timeout=15) == 0
+        before = consumed(joiner)
+        wait_until(lambda: consumed(joiner) > before + 200, 120, "the joiner goes on after")
+        stop.set()
         thread.join(timeout=120)
         result = sim["r"]
         repaired = decode(read_topic(cfg, cfg.topics.repaired, expected=result.sent, timeout_s=120))
     finally:
+        stop.set()
         stop_workers(procs)
     raw = {
         (m["patient_id"], m["seq"])
