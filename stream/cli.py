@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLevelName(args.log_level)))
+    logging.getLogger("kafka.net.transport").addFilter(_quiet_closed_socket_race)
     try:
         cfg = config_from_args(args)
         return COMMANDS[args.command](cfg, args) or 0
@@ -195,6 +196,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ecg-stream {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _quiet_closed_socket_race(record: logging.LogRecord) -> bool:
+    """kafka-python 3.0 sometimes reads from a connection it has just closed (its socket is
+    already None) and logs the AttributeError with a traceback: a race at close that loses
+    nothing. Kept at DEBUG level, where it is still shown."""
+    message = record.getMessage()
+    if "(closed)" in message and "Error receiving network data" in message:
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+    return True
 
 
 def user_error(exc: Exception) -> str | None:

@@ -158,3 +158,33 @@ def test_sasl_and_ssl_pass_through_and_secret_stays_secret(tmp_path, monkeypatch
 def test_config_command_prints_effective_config():
     proc = run_cli("config", "--set", "worker.max_batch=77")
     assert proc.returncode == 0 and '"max_batch": 77' in proc.stdout
+
+
+def test_kafka_pythons_closed_socket_race_is_debug_only():
+    """kafka-python 3.0 may read from a connection it has just closed and log a traceback;
+    the CLI keeps that record below DEBUG, and every other transport error visible."""
+    import logging
+
+    from stream.cli import _quiet_closed_socket_race
+
+    def record(state: str) -> logging.LogRecord:
+        return logging.LogRecord(
+            "kafka.net.transport",
+            logging.ERROR,
+            __file__,
+            1,
+            "%s: Error receiving network data closing socket",
+            (f"<KafkaTCPTransport [none] ({state})>",),
+            None,
+        )
+
+    root = logging.getLogger()
+    level = root.level
+    try:
+        root.setLevel(logging.INFO)
+        assert not _quiet_closed_socket_race(record("closed"))
+        assert _quiet_closed_socket_race(record("connected"))
+        root.setLevel(logging.DEBUG)
+        assert _quiet_closed_socket_race(record("closed"))
+    finally:
+        root.setLevel(level)
