@@ -31,7 +31,6 @@ FEATURES = (
 )
 N_FEATURES = len(FEATURES)
 UNKNOWN = np.array([0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0], np.float32)
-PREMATURE = 0.9  # pre-RR below this share of the recent average: a premature beat
 
 
 class RhythmState:
@@ -80,13 +79,6 @@ class RhythmState:
             return None
         recent = list(self.intervals)[-LOCAL_BEATS:]
         return 60.0 * len(recent) / sum(recent)
-
-
-def not_premature(features: np.ndarray) -> np.ndarray:
-    """(n,) bool: beats whose rhythm says they came on time (pre-RR known and at least
-    PREMATURE of the recent average). Their mean is the patient's usual (sinus) beat: premature
-    beats, most ectopic beats among them, stay out of it even when they are frequent."""
-    return (features[:, 0] == 1) & (features[:, 2] >= PREMATURE)
 
 
 def sequence_features(times: np.ndarray, after_gap: np.ndarray, starts: np.ndarray) -> np.ndarray:

@@ -40,7 +40,7 @@ class Context:
     """What a patient's previous beats say about each beat of a batch."""
 
     template: np.ndarray  # (n, width) the template the network was trained with (NaN: unknown)
-    usual: np.ndarray  # (n, width) the patient's usual beat: mean of earlier on-time beats
+    usual: np.ndarray  # (n, width) the patient's usual beat: the mean of all its earlier beats
     morph: np.ndarray  # (n, N_MORPH) how unlike its patient's earlier beats the beat is
 
 
@@ -60,13 +60,10 @@ class TemplateSpec:
             return running_templates(beats, missing, groups, self.beats)
         return self.context_batch(beats, missing, lengths, groups).template
 
-    def context_batch(
-        self, beats: np.ndarray, missing: np.ndarray, lengths, groups, on_time=None
-    ) -> Context:
-        """`batch` with the whole `Context` of every beat (`on_time`: see `advance_context`)."""
+    def context_batch(self, beats: np.ndarray, missing: np.ndarray, lengths, groups) -> Context:
+        """`batch` with the whole `Context` of every beat."""
         _, slots = np.unique(groups, return_inverse=True)
-        store = self.store(beats.shape[1])
-        return store.advance_context(slots, beats, missing, lengths, on_time=on_time)
+        return self.store(beats.shape[1]).advance_context(slots, beats, missing, lengths)
 
 
 def running_templates(
@@ -110,10 +107,8 @@ class TemplateStore:
         # per slot: the observed flags of its last k beats, then their values (contiguous)
         self.history = np.zeros((capacity, 2, spec.beats, width), np.float32)
         # per slot and previous beat: its squared distance to its best match and to the usual
-        # beat when it arrived (NaN: none), the scale of "unlike" for this patient; and
-        # whether it came on time (it then joins the usual beat)
+        # beat when it arrived (NaN: none), the scale of "unlike" for this patient
         self.distances = np.full((capacity, 2, spec.beats), np.nan, np.float32)
-        self.on_time = np.zeros((capacity, spec.beats), np.float32)
         self.seen = np.zeros(capacity, np.int64)
 
     def _fit(self, slots: int) -> None:
@@ -129,9 +124,6 @@ class TemplateStore:
         distances = np.full((capacity, *self.distances.shape[1:]), np.nan, np.float32)
         distances[: len(self.seen)] = self.distances
         self.distances = distances
-        on_time = np.zeros((capacity, self.spec.beats), np.float32)
-        on_time[: len(self.seen)] = self.on_time
-        self.on_time = on_time
         self.seen = np.concatenate([self.seen, np.zeros(capacity - len(self.seen), np.int64)])
 
     def advance(
@@ -143,12 +135,9 @@ class TemplateStore:
         return self.advance_context(slots, beats, missing, lengths, fresh).template
 
     def advance_context(
-        self, slots, beats: np.ndarray, missing: np.ndarray, lengths, fresh=(), on_time=None
+        self, slots, beats: np.ndarray, missing: np.ndarray, lengths, fresh=()
     ) -> Context:
-        """`advance`, returning each beat's whole `Context`. `on_time` (n,) bool marks the
-        beats that came on time (`models.rhythm.not_premature`; default: all): the usual beat
-        is the mean of a patient's earlier on-time beats (of all of them when none was)."""
-        on_time = np.ones(len(slots), bool) if on_time is None else np.asarray(on_time, bool)
+        """`advance`, returning each beat's whole `Context`."""
         slots = np.asarray(slots, np.int64)
         if not len(slots):
             empty = np.empty((0, self.width), np.float32)
@@ -178,7 +167,6 @@ class TemplateStore:
             )
             self.history[ids, :, position] = current[rows, :2]
             self.distances[ids, :, position] = dist
-            self.on_time[ids, position] = on_time[rows]
             self.seen[ids] += 1
         return out
 

@@ -29,7 +29,7 @@ from models.model import (
     save_checkpoint,
     signal_mask,
 )
-from models.rhythm import not_premature, sequence_features
+from models.rhythm import sequence_features
 from models.templates import TemplateSpec
 
 MODEL_VERSION = "2.0.0"
@@ -97,7 +97,7 @@ def beat_context(
     after_gap = np.zeros(len(beats), bool) if after_gap is None else after_gap
     groups = np.cumsum(starts)
     rhythm = sequence_features(beats.time, after_gap, starts)
-    ctx = spec.context_batch(beats.samples, missing, beats.length, groups, not_premature(rhythm))
+    ctx = spec.context_batch(beats.samples, missing, beats.length, groups)
     return BeatContext(ctx.template, ctx.usual, np.concatenate([rhythm, ctx.morph], axis=1))
 
 

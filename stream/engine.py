@@ -15,7 +15,6 @@ import models
 from models.batches import ModelBatch, Repair
 from models.data import BEAT_LEN
 from models.model import EcgNet, load_checkpoint, repair, trace_repair, unknown_context
-from models.rhythm import not_premature
 from models.templates import TemplateSpec, TemplateStore
 from stream.config import WorkerConfig
 
@@ -75,7 +74,6 @@ class Engine:
             batch.missing,
             batch.lengths,
             batch.fresh,
-            not_premature(batch.rhythm),
         )
         rows = batch.recoverable
         if not len(rows):

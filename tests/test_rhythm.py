@@ -10,7 +10,6 @@ from models.rhythm import (
     MAX_RR_S,
     N_FEATURES,
     RhythmState,
-    not_premature,
     sequence_features,
 )
 from models.templates import TemplateSpec
@@ -76,7 +75,6 @@ def test_the_worker_computes_the_training_features_for_the_same_beats(record_100
             missing[idx],
             beats.length[idx],
             [a.slot for _, a in batch if a.new],
-            not_premature(np.array([a.rhythm for _, a in batch])),
         )
         got_morph.append(context.morph)
         batch.clear()
