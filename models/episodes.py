@@ -1,0 +1,532 @@
+"""Rhythm episodes of one patient from its classified beats, in order: one definition for all.
+
+The stream worker (`stream.rhythm_stage`, after the model pass) and the offline evaluation
+(`models.evaluate_events`, replaying MIT-BIH records) feed each patient's beats, in seq
+order, to `PatientRhythm.observe` and get back `Event`s: an episode opens, is updated at
+most every `update_interval_s` while it lasts, and closes. Only the beat's seq, R-peak time,
+class and confidence are used, exactly the fields of a repaired beat, so the same beats give
+the same episodes everywhere.
+
+Rules (every threshold lives in `EpisodeConfig`, with where its default comes from):
+
+- runs are consecutive seq numbers with the same class; a beat that is lost or unrecoverable
+  ends a run (its class is unknown, so it is never counted as either);
+- ventricular: 2 V a couplet, 3-5 a run, >= `vt_beats` or >= 3 at >= `vt_rate_bpm` ventricular
+  tachycardia (AAMI EC57 counts couplets, short runs of 3-5 and long runs of >= 6). Couplets
+  and short runs are known only when they end and are reported open and closed together;
+- bigeminy / trigeminy: V beats every 2nd / 3rd beat for `pattern_cycles` cycles; they close
+  after two missed cycles, so one missed V does not split an episode;
+- SVTA: >= `svta_beats` consecutive S at >= `svta_rate_bpm`, not while atrial fibrillation is
+  open (an irregular rhythm makes early, S-shaped beats by definition);
+- atrial fibrillation: the share of irregular successive RR intervals (differing by more
+  than `af_delta` of the median) over the last `af_window` intervals that do not touch a V
+  beat, with hysteresis; the episode spans its first to its last irregular interval;
+- bradycardia / tachycardia: the median heart rate of the last `rate_beats` intervals, with
+  `rate_hysteresis_bpm` of hysteresis;
+- pause: an RR interval of >= `pause_s` between consecutive seq numbers (seen, not guessed);
+- signal loss: >= `signal_loss_beats` unrecoverable beats in a row, beats lost (a seq gap)
+  over >= `pause_s` (whether the heart paused is unknown: it is reported as lost signal, not
+  as a pause), or no beat for `silence_s` (checked by the caller's clock, `went_silent`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from dataclasses import dataclass, field
+
+EPISODE_TYPES = (
+    "ventricular_couplet",
+    "ventricular_run",
+    "ventricular_tachycardia",
+    "ventricular_bigeminy",
+    "ventricular_trigeminy",
+    "svta",
+    "atrial_fibrillation",
+    "bradycardia",
+    "tachycardia",
+    "pause",
+    "signal_loss",
+)
+SEVERITY = {  # what a monitor would make of it (IEC 60601-2-27 alarm priorities, roughly)
+    "ventricular_couplet": "info",
+    "ventricular_run": "warning",
+    "ventricular_tachycardia": "critical",
+    "ventricular_bigeminy": "info",
+    "ventricular_trigeminy": "info",
+    "svta": "warning",
+    "atrial_fibrillation": "warning",
+    "bradycardia": "warning",
+    "tachycardia": "warning",
+    "pause": "critical",
+    "signal_loss": "warning",
+}
+EVENT_KINDS = ("open", "update", "close")
+MAX_RR_S = 60.0  # a longer interval is a clock or device problem, not one heartbeat
+
+
+@dataclass
+class EpisodeConfig:
+    """Thresholds and windows of the rhythm stage (`episodes:` in defaults.yaml)."""
+
+    vt_beats: int = 6  # EC57 long run
+    vt_rate_bpm: float = 100.0  # VT: >= 3 V above 100 bpm (ACC/AHA/ESC 2006 definition)
+    pattern_cycles: int = 3  # bigeminy/trigeminy from 3 cycles (EC57 counts 3+ cycles)
+    svta_beats: int = 3
+    svta_rate_bpm: float = 100.0
+    af_window: int = 32  # intervals (Lian 2011, Dash 2009: 32-128 beats)
+    af_delta: float = 0.1  # an interval is irregular if it differs by > 10% from the last one
+    af_open: float = 0.55  # share of irregular intervals to open (tuned on DS1 only)
+    af_close: float = 0.35  # and to close
+    rate_beats: int = 16  # heart-rate window (monitors average 4-16 beats; 8 flapped)
+    brady_bpm: float = 50.0  # default adult low limit of bedside monitors
+    tachy_bpm: float = 120.0  # default adult high limit of bedside monitors
+    rate_hysteresis_bpm: float = 5.0
+    pause_s: float = 3.0  # ACC/AHA: pauses >= 3 s are significant
+    signal_loss_beats: int = 3
+    silence_s: float = 10.0  # wall clock without any beat (the caller's clock)
+    update_interval_s: float = 60.0  # patient time between updates of an open episode
+
+    def validate(self) -> None:
+        counts = ("vt_beats", "pattern_cycles", "svta_beats", "rate_beats", "signal_loss_beats")
+        for name in counts:
+            if getattr(self, name) < 2:
+                raise ValueError(f"episodes.{name} must be >= 2")
+        if self.af_window < 8:
+            raise ValueError("episodes.af_window must be >= 8")
+        if not 0 <= self.af_close <= self.af_open <= 1:
+            raise ValueError("episodes: need 0 <= af_close <= af_open <= 1")
+        if not 0 < self.brady_bpm < self.tachy_bpm:
+            raise ValueError("episodes: need 0 < brady_bpm < tachy_bpm")
+        for name in ("pause_s", "silence_s", "update_interval_s", "af_delta"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"episodes.{name} must be > 0")
+
+
+@dataclass
+class Beat:
+    """What the rhythm stage reads of one beat (the repaired-beat fields it uses)."""
+
+    seq: int
+    time: float  # R-peak time, seconds (the patient's clock)
+    label: str | None  # AAMI class; None when unrecoverable
+    confidence: float = 0.0  # the class probability
+
+
+@dataclass
+class Episode:
+    episode_id: str
+    type: str
+    start_time: float
+    end_time: float
+    first_seq: int
+    last_seq: int
+    beats: int = 0
+    rr_sum: float = 0.0  # intervals inside the episode, for its heart rate
+    rr_count: int = 0
+    confidence: float = 1.0
+    updated_at: float = 0.0  # patient time of the last open/update event
+    detail: dict = field(default_factory=dict)
+
+    def heart_rate_bpm(self) -> float | None:
+        return 60.0 * self.rr_count / self.rr_sum if self.rr_count and self.rr_sum > 0 else None
+
+    def add(self, beat: Beat, rr: float | None, first: bool = False) -> None:
+        self.last_seq, self.end_time = beat.seq, beat.time
+        self.beats += 1
+        if rr is not None and not first:
+            self.rr_sum += rr
+            self.rr_count += 1
+
+
+@dataclass
+class Event:
+    kind: str  # open, update, close
+    episode: Episode  # a copy, as it stood when the event was made
+
+
+@dataclass
+class Run:
+    """Consecutive beats of one class: their seqs, times, intervals and confidences."""
+
+    first_seq: int = -1
+    last_seq: int = -2
+    start_time: float = 0.0
+    end_time: float = 0.0
+    count: int = 0
+    rr_sum: float = 0.0
+    rr_count: int = 0
+    confidence_sum: float = 0.0
+
+    def extend(self, beat: Beat, rr: float | None) -> bool:
+        """Add a beat; False (and nothing added) if it does not follow the run's last seq."""
+        if self.count and beat.seq != self.last_seq + 1:
+            return False
+        if not self.count:
+            self.first_seq, self.start_time = beat.seq, beat.time
+        elif rr is not None:
+            self.rr_sum += rr
+            self.rr_count += 1
+        self.last_seq, self.end_time = beat.seq, beat.time
+        self.count += 1
+        self.confidence_sum += beat.confidence
+        return True
+
+    def rate_bpm(self) -> float | None:
+        return 60.0 * self.rr_count / self.rr_sum if self.rr_count and self.rr_sum > 0 else None
+
+    def confidence(self) -> float:
+        return self.confidence_sum / self.count if self.count else 0.0
+
+
+@dataclass
+class Chain:
+    """V beats every `period` beats (bigeminy: 2, trigeminy: 3)."""
+
+    period: int
+    last_v_seq: int = -100
+    count: int = 0
+    first_seq: int = -1
+    start_time: float = 0.0
+    last_match_seq: int = -100  # the last V that kept the pattern
+    last_match_time: float = 0.0
+    confidence_sum: float = 0.0
+
+
+@dataclass
+class Window:
+    """Recent intervals for a rate or irregularity test, with the times of their beats."""
+
+    size: int
+    rr: list[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # of the beat ending each interval
+    seqs: list[int] = field(default_factory=list)
+    last_irregular: float = 0.0  # time of the last irregular interval (AF)
+
+    def push(self, rr: float, beat: Beat) -> None:
+        self.rr.append(rr)
+        self.times.append(beat.time)
+        self.seqs.append(beat.seq)
+        if len(self.rr) > self.size:
+            del self.rr[0], self.times[0], self.seqs[0]
+
+    def start_of(self, k: int) -> Beat:
+        """The beat that starts interval k."""
+        return Beat(self.seqs[k] - 1, self.times[k] - self.rr[k], None)
+
+    def full(self) -> bool:
+        return len(self.rr) >= self.size
+
+
+def irregular_steps(rr: list[float], delta: float) -> list[bool]:
+    """For each successive pair of intervals: do they differ by more than delta of their
+    median (the RR-irregularity of atrial fibrillation; ectopic beats are kept out before)."""
+    scale = delta * statistics.median(rr)
+    return [abs(b - a) > scale for a, b in zip(rr, rr[1:])]
+
+
+class PatientRhythm:
+    """The rhythm stage's state for one patient, fed its beats in seq order."""
+
+    def __init__(self, patient_id: str, cfg: EpisodeConfig):
+        self.patient_id = patient_id
+        self.cfg = cfg
+        self.last_seq: int | None = None
+        self.last_time: float | None = None
+        self.last_label: str | None = None
+        self.last_ectopic = True  # the previous beat is kept out of the AF test
+        self.resumed = False  # restored from a snapshot: a seq gap next is not a loss
+        self.v_run, self.s_run, self.unrecoverable = Run(), Run(), Run()
+        self.chains = {"ventricular_bigeminy": Chain(2), "ventricular_trigeminy": Chain(3)}
+        self.af = Window(cfg.af_window)
+        self.rate = Window(cfg.rate_beats)
+        self.open: dict[str, Episode] = {}
+        self.events: list[Event] = []
+
+    # ------------------------------------------------------------------ feeding
+
+    def observe(self, beat: Beat) -> list[Event]:
+        """Take the patient's next beat; returns the events it causes. A beat at or before
+        the last seq seen (a replay after a restart) changes nothing."""
+        self.events = []
+        if self.last_seq is not None and beat.seq <= self.last_seq:
+            return []
+        silent = self.open.get("signal_loss")
+        if silent is not None and silent.detail.get("cause") == "silent":
+            self._close("signal_loss", beat.time)
+        rr = self._interval(beat)
+        self._signal(beat)
+        if rr is not None and rr >= self.cfg.pause_s:
+            self._instant("pause", self._previous(), beat, rr, {"rr_s": round(rr, 3)})
+        self._rate(beat, rr)
+        self._atrial_fibrillation(beat, rr)
+        self._runs(beat, rr)
+        self._patterns(beat, rr)
+        for ep in self.open.values():
+            if beat.time - ep.updated_at >= self.cfg.update_interval_s:
+                ep.updated_at = beat.time
+                self._emit("update", ep)
+        self.last_seq, self.last_time, self.last_label = beat.seq, beat.time, beat.label
+        self.resumed = False
+        return self.events
+
+    def went_silent(self, silent_for_s: float) -> list[Event]:
+        """The caller saw no beat of this patient for `silent_for_s`: signal loss from the
+        last beat on, until the next beat arrives."""
+        self.events = []
+        if self.last_seq is None or "signal_loss" in self.open:
+            return []
+        detail = {"cause": "silent", "silent_for_s": round(silent_for_s, 1)}
+        self._open("signal_loss", self._previous(), 1.0, detail).beats = 0
+        return self.events
+
+    def _previous(self) -> Beat:
+        return Beat(self.last_seq, self.last_time, self.last_label)
+
+    def _interval(self, beat: Beat) -> float | None:
+        """The pre-RR interval when the previous seq was seen; reports lost stretches."""
+        if self.last_seq is None:
+            return None
+        lost = beat.seq - self.last_seq - 1
+        span = beat.time - self.last_time
+        if lost == 0 and 0 < span <= MAX_RR_S:
+            return span
+        if lost > 0 and not self.resumed and span >= self.cfg.pause_s:
+            detail = {"cause": "lost_beats", "lost": lost, "span_s": round(span, 3)}
+            self._instant("signal_loss", self._previous(), beat, None, detail)
+        return None
+
+    def _signal(self, beat: Beat) -> None:
+        """Unrecoverable beats in a row: signal loss until a beat can be classified again."""
+        ep = self.open.get("signal_loss")
+        if beat.label is not None:
+            self.unrecoverable = Run()
+            if ep is not None:
+                self._close("signal_loss", ep.end_time)
+            return
+        run = self.unrecoverable
+        if not run.extend(beat, None):
+            run = self.unrecoverable = Run()
+            run.extend(beat, None)
+        if ep is not None:
+            ep.add(beat, None)
+        elif run.count >= self.cfg.signal_loss_beats:
+            self._open_run("signal_loss", run, {"cause": "unrecoverable"}, 1.0)
+
+    def _rate(self, beat: Beat, rr: float | None) -> None:
+        """Bradycardia and tachycardia from the median rate of the last intervals."""
+        if rr is None:
+            return
+        w, c = self.rate, self.cfg
+        w.push(rr, beat)
+        for name in ("bradycardia", "tachycardia"):
+            if ep := self.open.get(name):
+                ep.add(beat, rr)
+        if not w.full():
+            return
+        bpm = 60.0 / statistics.median(w.rr)
+        limits = {
+            "bradycardia": (bpm < c.brady_bpm, bpm >= c.brady_bpm + c.rate_hysteresis_bpm),
+            "tachycardia": (bpm > c.tachy_bpm, bpm <= c.tachy_bpm - c.rate_hysteresis_bpm),
+        }
+        for name, (beyond, back) in limits.items():
+            if name in self.open and back:
+                self._close(name, beat.time)
+            elif name not in self.open and beyond:
+                self._open_window(name, w, 0, beat, 1.0)
+
+    def _atrial_fibrillation(self, beat: Beat, rr: float | None) -> None:
+        """Irregularity of the intervals between classified, non-ventricular beats."""
+        c, w = self.cfg, self.af
+        ep = self.open.get("atrial_fibrillation")
+        if ep is not None:
+            ep.add(beat, rr)
+        ectopic = beat.label in (None, "V")
+        if rr is None or ectopic or self.last_ectopic:
+            self.last_ectopic = ectopic
+            return
+        self.last_ectopic = False
+        w.push(rr, beat)
+        if len(w.rr) < 2:
+            return
+        steps = irregular_steps(w.rr, c.af_delta)
+        if steps[-1]:
+            w.last_irregular = beat.time
+        if not w.full():
+            return
+        share = round(sum(steps) / len(steps), 3)
+        if ep is None and share >= c.af_open:
+            ep = self._open_window("atrial_fibrillation", w, steps.index(True) + 1, beat, share)
+            ep.detail["irregular_share"] = share
+        elif ep is not None:
+            ep.confidence = max(ep.confidence, share)
+            ep.detail["irregular_share"] = share
+            if share < c.af_close:
+                self._close("atrial_fibrillation", w.last_irregular)
+
+    def _runs(self, beat: Beat, rr: float | None) -> None:
+        """Ventricular couplets, runs and tachycardia; supraventricular tachycardia."""
+        c = self.cfg
+        for label in ("V", "S"):
+            run = self.v_run if label == "V" else self.s_run
+            if beat.label != label or not run.extend(beat, rr):
+                self._end_run(label, run)
+                run = Run()
+                if beat.label == label:
+                    run.extend(beat, rr)
+                if label == "V":
+                    self.v_run = run
+                else:
+                    self.s_run = run
+        v, s = self.v_run, self.s_run
+        if vt := self.open.get("ventricular_tachycardia"):
+            if v.count:
+                vt.add(beat, rr)
+        elif v.count >= c.vt_beats or (v.count >= 3 and (v.rate_bpm() or 0) >= c.vt_rate_bpm):
+            self._open_run("ventricular_tachycardia", v, {}, v.confidence())
+        if svta := self.open.get("svta"):
+            if s.count:
+                svta.add(beat, rr)
+        elif (
+            s.count >= c.svta_beats
+            and (s.rate_bpm() or 0) >= c.svta_rate_bpm
+            and "atrial_fibrillation" not in self.open
+        ):
+            self._open_run("svta", s, {}, s.confidence())
+
+    def _end_run(self, label: str, run: Run) -> None:
+        """A run ended before this beat: close its episode, or report a short run whole."""
+        if label == "S":
+            if "svta" in self.open:
+                self._close("svta", run.end_time)
+        elif "ventricular_tachycardia" in self.open:
+            self._close("ventricular_tachycardia", run.end_time)
+        elif run.count >= 2:
+            name = "ventricular_couplet" if run.count == 2 else "ventricular_run"
+            ep = self._episode(name, Beat(run.first_seq, run.start_time, None), 0.0, {})
+            ep.beats, ep.last_seq, ep.end_time = run.count, run.last_seq, run.end_time
+            ep.rr_sum, ep.rr_count = run.rr_sum, run.rr_count
+            ep.confidence = round(run.confidence(), 3)
+            self._emit("close", ep)
+
+    def _patterns(self, beat: Beat, rr: float | None) -> None:
+        """Bigeminy and trigeminy: a V every 2nd / 3rd beat; closed after two missed ones."""
+        for name, chain in self.chains.items():
+            ep = self.open.get(name)
+            if ep is not None:
+                ep.add(beat, rr)
+            if beat.label == "V":
+                if beat.seq - chain.last_v_seq == chain.period:
+                    chain.count += 1
+                    chain.confidence_sum += beat.confidence
+                    chain.last_match_seq, chain.last_match_time = beat.seq, beat.time
+                else:
+                    chain.count, chain.first_seq, chain.start_time = 1, beat.seq, beat.time
+                    chain.confidence_sum = beat.confidence
+                chain.last_v_seq = beat.seq
+                if ep is None and chain.count >= self.cfg.pattern_cycles:
+                    first = Beat(chain.first_seq, chain.start_time, None)
+                    ep = self._open(name, first, chain.confidence_sum / chain.count, {})
+                    ep.beats = beat.seq - chain.first_seq + 1
+                    ep.last_seq, ep.end_time = beat.seq, beat.time
+            if ep is not None and beat.seq - chain.last_match_seq > 2 * chain.period:
+                ep.last_seq = chain.last_match_seq
+                ep.beats = ep.last_seq - ep.first_seq + 1
+                self._close(name, chain.last_match_time)
+
+    # ------------------------------------------------------------------ episodes
+
+    def _open(self, name: str, first: Beat, confidence: float, detail: dict) -> Episode:
+        ep = self._episode(name, first, confidence, detail)
+        self.open[name] = ep
+        self._emit("open", ep)
+        return ep
+
+    def _episode(self, name: str, first: Beat, confidence: float, detail: dict) -> Episode:
+        return Episode(
+            f"{self.patient_id}/{name}/{first.seq}",
+            name,
+            first.time,
+            first.time,
+            first.seq,
+            first.seq,
+            beats=1,
+            confidence=round(confidence, 3),
+            updated_at=first.time,
+            detail=detail,
+        )
+
+    def _open_run(self, name: str, run: Run, detail: dict, confidence: float) -> Episode:
+        ep = self._open(name, Beat(run.first_seq, run.start_time, None), confidence, detail)
+        ep.beats, ep.last_seq, ep.end_time = run.count, run.last_seq, run.end_time
+        ep.rr_sum, ep.rr_count = run.rr_sum, run.rr_count
+        return ep
+
+    def _open_window(self, name: str, w: Window, k: int, beat: Beat, confidence) -> Episode:
+        """An episode over a window's intervals k.. up to this beat."""
+        ep = self._open(name, w.start_of(k), confidence, {})
+        ep.rr_sum, ep.rr_count = sum(w.rr[k:]), len(w.rr) - k
+        ep.beats, ep.last_seq, ep.end_time = beat.seq - ep.first_seq + 1, beat.seq, beat.time
+        return ep
+
+    def _close(self, name: str, end_time: float) -> None:
+        ep = self.open.pop(name)
+        ep.end_time = max(ep.start_time, end_time)
+        self._emit("close", ep)
+
+    def _instant(self, name: str, first: Beat, beat: Beat, rr, detail: dict) -> None:
+        """An episode seen whole at one beat (a pause, a lost stretch): one close event,
+        beside any open episode of the same type."""
+        ep = self._episode(name, first, 1.0, detail)
+        ep.beats, ep.last_seq, ep.end_time = 2, beat.seq, beat.time
+        if rr is not None:
+            ep.rr_sum, ep.rr_count = rr, 1
+        self._emit("close", ep)
+
+    def _emit(self, kind: str, ep: Episode) -> None:
+        self.events.append(Event(kind, dataclasses.replace(ep, detail=dict(ep.detail))))
+
+    # ------------------------------------------------------------------ snapshots
+
+    def busy(self) -> bool:
+        """True while something is in progress (an open episode, a run, a pattern): then a
+        lost snapshot would lose more than a few intervals of history."""
+        return bool(
+            self.open
+            or self.v_run.count
+            or self.s_run.count
+            or self.unrecoverable.count
+            or any(self.last_seq - c.last_v_seq <= 2 * c.period for c in self.chains.values())
+        )
+
+    def snapshot(self) -> dict:
+        """Everything needed to go on after a restart, as plain data."""
+        plain = dataclasses.asdict
+        return {
+            "last_seq": self.last_seq,
+            "last_time": self.last_time,
+            "last_label": self.last_label,
+            "last_ectopic": self.last_ectopic,
+            "v_run": plain(self.v_run),
+            "s_run": plain(self.s_run),
+            "unrecoverable": plain(self.unrecoverable),
+            "chains": {k: plain(v) for k, v in self.chains.items()},
+            "af": plain(self.af),
+            "rate": plain(self.rate),
+            "open": {k: plain(v) for k, v in self.open.items()},
+        }
+
+    @classmethod
+    def restore(cls, patient_id: str, cfg: EpisodeConfig, state: dict) -> PatientRhythm:
+        """The inverse of `snapshot`. The next beat may follow a gap (beats processed after
+        the snapshot was taken): that gap is not reported as lost signal."""
+        p = cls(patient_id, cfg)
+        p.last_seq, p.last_time = state["last_seq"], state["last_time"]
+        p.last_label, p.last_ectopic = state["last_label"], state["last_ectopic"]
+        p.v_run, p.s_run = Run(**state["v_run"]), Run(**state["s_run"])
+        p.unrecoverable = Run(**state["unrecoverable"])
+        p.chains = {k: Chain(**v) for k, v in state["chains"].items()}
+        p.af, p.rate = Window(**state["af"]), Window(**state["rate"])
+        p.open = {k: Episode(**v) for k, v in state["open"].items()}
+        p.resumed = True
+        return p
