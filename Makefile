@@ -43,6 +43,7 @@ train-ecg5000: install
 
 evaluate: install
 	$(BIN)/ecg-stream evaluate --out reports/evaluation
+	$(BIN)/ecg-stream evaluate-events --out reports/events
 
 demo: install
 	$(BIN)/ecg-stream demo --out reports/demo

@@ -143,6 +143,7 @@ class Episode:
 class Event:
     kind: str  # open, update, close
     episode: Episode  # a copy, as it stood when the event was made
+    whole: bool = False  # a close of an episode never opened (known only once it was over)
 
 
 @dataclass
@@ -407,7 +408,7 @@ class PatientRhythm:
             ep.beats, ep.last_seq, ep.end_time = run.count, run.last_seq, run.end_time
             ep.rr_sum, ep.rr_count = run.rr_sum, run.rr_count
             ep.confidence = round(run.confidence(), 3)
-            self._emit("close", ep)
+            self._emit("close", ep, whole=True)
 
     def _patterns(self, beat: Beat, rr: float | None) -> None:
         """Bigeminy and trigeminy: a V every 2nd / 3rd beat; closed after two missed ones."""
@@ -481,10 +482,10 @@ class PatientRhythm:
         ep.beats, ep.last_seq, ep.end_time = 2, beat.seq, beat.time
         if rr is not None:
             ep.rr_sum, ep.rr_count = rr, 1
-        self._emit("close", ep)
+        self._emit("close", ep, whole=True)
 
-    def _emit(self, kind: str, ep: Episode) -> None:
-        self.events.append(Event(kind, dataclasses.replace(ep, detail=dict(ep.detail))))
+    def _emit(self, kind: str, ep: Episode, whole: bool = False) -> None:
+        self.events.append(Event(kind, dataclasses.replace(ep, detail=dict(ep.detail)), whole))
 
     # ------------------------------------------------------------------ snapshots
 

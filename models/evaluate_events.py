@@ -92,20 +92,6 @@ def label_runs(times: np.ndarray, labels: np.ndarray, cls: int, least: int) -> l
     return runs
 
 
-def dropout_masks(beats: D.Beats, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The simulator's default dropout over every beat: (missing, lost)."""
-    from simulator.patients import Dropout
-    from stream.config import DropoutConfig
-
-    dropout = Dropout(DropoutConfig(), np.random.default_rng(seed), None)
-    missing = np.zeros(beats.samples.shape, bool)
-    lost = np.zeros(len(beats), bool)
-    for i, n in enumerate(beats.length.tolist()):
-        missing[i, :n] = dropout.missing(n)
-        lost[i] = dropout.lost()
-    return missing, lost
-
-
 def classify(net, beats: D.Beats, missing: np.ndarray, after_gap: np.ndarray):
     """Class probabilities and anomaly scores with each patient's causal context."""
     from models.model import repair
@@ -163,11 +149,9 @@ def replay(
     return Replay(record, hours, episodes, events, alerts)
 
 
-def run_condition(net, meta, ds2: D.Beats, condition: str, seed: int, cfg) -> list[Replay]:
-    if condition == "clean":
-        missing, lost = np.zeros(ds2.samples.shape, bool), np.zeros(len(ds2), bool)
-    else:
-        missing, lost = dropout_masks(ds2, seed)
+def run_condition(net, meta, ds2: D.Beats, masks, cfg) -> list[Replay]:
+    """Every DS2 record through the model and the rhythm stage, with (missing, lost) masks."""
+    missing, lost = masks
     replays = []
     for record in D.DS2:
         rows = np.flatnonzero(ds2.record == record)
@@ -305,9 +289,10 @@ def score(replays: list[Replay], reference: dict, runs: dict) -> dict:
     }
 
 
-def evaluate_events(out_dir, data_dir, checkpoint, cfg: EpisodeConfig | None = None, seed=0):
-    """Replay DS2 clean and with the simulator's dropout; write report.json and report.md."""
-    cfg = cfg or EpisodeConfig()
+def evaluate_events(out_dir, data_dir, checkpoint, cfg: EpisodeConfig, dropout) -> dict:
+    """Replay DS2 clean and with `dropout` (beats -> (missing, lost) masks: the simulator's
+    dropout, passed in so that models/ stays free of the stream); write report.json and
+    report.md; return the report."""
     out, data_dir = Path(out_dir), Path(data_dir)
     out.mkdir(parents=True, exist_ok=True)
     net, meta = load_checkpoint(checkpoint)
@@ -327,8 +312,9 @@ def evaluate_events(out_dir, data_dir, checkpoint, cfg: EpisodeConfig | None = N
         "config": asdict(cfg),
         "conditions": {},
     }
-    for condition in ("clean", "dropout"):
-        replays = run_condition(net, meta, ds2, condition, seed, cfg)
+    clean = np.zeros(ds2.samples.shape, bool), np.zeros(len(ds2), bool)
+    for condition, masks in (("clean", clean), ("dropout", dropout(ds2))):
+        replays = run_condition(net, meta, ds2, masks, cfg)
         report["conditions"][condition] = score(replays, reference, runs)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(render_markdown(report))

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports/evaluation", help="output directory")
     p.add_argument("--max-beats", type=at_least(0), default=0, help="subsample DS2 (0 = all)")
 
+    p = add("evaluate-events", "replay DS2 through the rhythm stage; score the episodes")
+    p.add_argument("--out", default="reports/events", help="output directory")
+
     p = add("simulate", "replay MIT-BIH patients with dropout into Kafka")
     p.add_argument("--patients", type=int, help="simulator.patients")
     p.add_argument("--speed", type=float, help="simulator.speed (0 = as fast as possible)")
@@ -93,8 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("create-topics", "create the pipeline's topics (partitions, replication from config)")
 
-    p = add("tail", "follow the repaired (or alerts/dlq) topic, one line per message")
-    p.add_argument("--topic", choices=["repaired", "alerts", "dlq", "raw"], default="repaired")
+    p = add("tail", "follow the repaired (or events/alerts/dlq) topic, one line per message")
+    p.add_argument(
+        "--topic", choices=["repaired", "events", "alerts", "dlq", "raw"], default="repaired"
+    )
     p.add_argument("--from-beginning", action="store_true")
     p.add_argument("--limit", type=at_least(0), default=0, help="stop after N messages")
     p.add_argument("--plot", metavar="DIR", help="write PNGs of repaired beats into DIR")
@@ -264,6 +269,13 @@ def cmd_evaluate(cfg, args):
     run_evaluation(cfg, Path(args.out), args.max_beats)
 
 
+def cmd_evaluate_events(cfg, args):
+    from stream.evaluation import run_event_evaluation
+
+    run_event_evaluation(cfg, Path(args.out))
+    print(f"wrote {Path(args.out) / 'report.md'}")
+
+
 def cmd_simulate(cfg, args):
     from simulator.run import data_source, simulate
     from stream.kafka import ensure_topics, make_producer
@@ -380,6 +392,7 @@ def cmd_config(cfg, args):
 COMMANDS = {
     "train": cmd_train,
     "evaluate": cmd_evaluate,
+    "evaluate-events": cmd_evaluate_events,
     "simulate": cmd_simulate,
     "worker": cmd_worker,
     "evaluate-live": cmd_evaluate_live,

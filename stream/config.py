@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from models.config import TrainConfig
+from models.episodes import EpisodeConfig
 
 DEFAULTS = Path(__file__).with_name("defaults.yaml")
 
@@ -76,6 +77,8 @@ class TopicsConfig:
     repaired: str = "ecg.beats.repaired"
     alerts: str = "ecg.alerts"
     dlq: str = "ecg.beats.dlq"
+    events: str = "ecg.events"
+    rhythm_state: str = "ecg.rhythm.state"  # compacted changelog of the rhythm stage
 
 
 @dataclass
@@ -118,8 +121,10 @@ class WorkerConfig:
     max_wait_ms: int = 1  # see defaults.yaml
     unrecoverable_fraction: float = 0.6  # more missing than this: unrecoverable, not invented
     max_message_bytes: int = 65536
+    beat_alerts: list[str] = field(default_factory=lambda: ["lost_beats", "unrecoverable"])
     alert_classes: list[str] = field(default_factory=lambda: ["S", "V", "F", "Q"])
     min_alert_probability: float = 0.5
+    snapshot_interval_s: float = 10.0  # patient time between rhythm snapshots when idle
 
 
 @dataclass
@@ -145,6 +150,7 @@ class Config:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
+    episodes: EpisodeConfig = field(default_factory=EpisodeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -183,6 +189,7 @@ RANGES = [
     ("worker.unrecoverable_fraction", 0, 1),
     ("worker.max_message_bytes", 1024, 100000000),
     ("worker.min_alert_probability", 0, 1),
+    ("worker.snapshot_interval_s", 0.1, 86400),
     ("metrics.port", 0, 65535),
     ("evaluator.metrics_port", 0, 65535),
     ("simulator.metrics_port", 0, 65535),
@@ -345,8 +352,12 @@ def validate(cfg: Config) -> None:
     bad = set(cfg.worker.alert_classes) - {"N", "S", "V", "F", "Q"}
     if bad:
         raise ConfigError(f"worker.alert_classes has unknown classes {sorted(bad)}")
+    bad = set(cfg.worker.beat_alerts) - {"anomaly", "arrhythmia", "unrecoverable", "lost_beats"}
+    if bad:
+        raise ConfigError(f"worker.beat_alerts has unknown types {sorted(bad)}")
     try:
         cfg.train.validate()
+        cfg.episodes.validate()
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

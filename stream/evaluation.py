@@ -1,9 +1,12 @@
-"""`ecg-stream evaluate`: resolve data and checkpoints from the config, then run the offline
-evaluation of `models.evaluate` (imputation, classification, anomaly; report + figures)."""
+"""`ecg-stream evaluate` and `evaluate-events`: resolve data and checkpoints from the config,
+then run the offline evaluations of `models.evaluate` (imputation, classification, anomaly;
+report + figures) and `models.evaluate_events` (rhythm episodes against the annotations)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
 
 from models import data as D
 from stream.config import Config, resolve_data_dirs
@@ -29,3 +32,31 @@ def run_evaluation(cfg: Config, out: Path, max_beats: int = 0) -> dict:
     return evaluate(
         out, data_dir, ecg5000, inter, WEIGHTS / "ecgnet-intra.pt", ae, max_beats=max_beats
     )
+
+
+def simulator_dropout(cfg: Config):
+    """beats -> (missing, lost): the simulator's configured dropout over every beat."""
+    from simulator.patients import Dropout
+
+    def masks(beats: D.Beats):
+        dropout = Dropout(cfg.simulator.dropout, np.random.default_rng(cfg.simulator.seed), None)
+        missing = np.zeros(beats.samples.shape, bool)
+        lost = np.zeros(len(beats), bool)
+        for i, n in enumerate(beats.length.tolist()):
+            missing[i, :n] = dropout.missing(n)
+            lost[i] = dropout.lost()
+        return missing, lost
+
+    return masks
+
+
+def run_event_evaluation(cfg: Config, out: Path) -> dict:
+    """Replay DS2 through the model and the rhythm stage; returns the report dict."""
+    from models.evaluate_events import evaluate_events
+
+    dirs = resolve_data_dirs(cfg)
+    data_dir = D.locate_database("mitdb", dirs.mitdb_dir, D.DS2, cfg.data.download)
+    checkpoint = Path(cfg.model.checkpoint or DEFAULT_CHECKPOINT)
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint} (run make train)")
+    return evaluate_events(out, data_dir, checkpoint, cfg.episodes, simulator_dropout(cfg))

@@ -124,7 +124,8 @@ def ensure_topics(cfg: KafkaConfig, topics: TopicsConfig, timeout_s: float = 30.
     Topics are created explicitly: brokers that auto-create use their own partition count.
     Returns the names that were created (existing ones are left alone).
     """
-    names = [topics.raw, topics.truth, topics.repaired, topics.alerts, topics.dlq]
+    names = [topics.raw, topics.truth, topics.repaired, topics.alerts, topics.dlq, topics.events]
+    compacted = [topics.rhythm_state]  # a changelog: the latest record per key is what counts
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -137,8 +138,16 @@ def ensure_topics(cfg: KafkaConfig, topics: TopicsConfig, timeout_s: float = 30.
             time.sleep(1.0)
     try:
         existing = set(admin.list_topics())
-        missing = [n for n in names if n not in existing]
-        new = [NewTopic(n, cfg.partitions, cfg.replication_factor) for n in missing]
+        missing = [n for n in names + compacted if n not in existing]
+        new = [
+            NewTopic(
+                n,
+                cfg.partitions,
+                cfg.replication_factor,
+                topic_configs={"cleanup.policy": "compact"} if n in compacted else {},
+            )
+            for n in missing
+        ]
         if new:
             with contextlib.suppress(TopicAlreadyExistsError):  # created concurrently elsewhere
                 admin.create_topics(new)
@@ -161,6 +170,30 @@ def partition_lag(consumer: KafkaConsumer, partitions) -> dict[int, int]:
             continue
         lag[tp.partition] = max(0, high - consumer.position(tp))
     return lag
+
+
+class ReadTimeout(KafkaError):
+    """A partition could not be read to its end in time."""
+
+
+def read_to_end(consumer: KafkaConsumer, tp: TopicPartition, timeout_s: float) -> list:
+    """Every record of one partition, from the beginning to the end at the time of reading.
+
+    The end is the high watermark of the fetch responses (the embedded broker's
+    `end_offsets()` is wrong, see `partition_lag`). Raises ReadTimeout after timeout_s.
+    """
+    consumer.assign([tp])
+    consumer.seek_to_beginning(tp)
+    records: list = []
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for batch in consumer.poll(timeout_ms=100, max_records=10000).values():
+            records.extend(batch)
+        high = consumer.highwater(tp)
+        if high is not None and consumer.position(tp) >= high:
+            return records
+        if time.monotonic() > deadline:
+            raise ReadTimeout(f"{tp.topic}[{tp.partition}] not read to its end in {timeout_s} s")
 
 
 def assign_all(consumer: KafkaConsumer, topic: str, from_beginning: bool = True) -> None:

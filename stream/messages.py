@@ -291,3 +291,30 @@ def alert(
         "model_version": model_version,
         "created_at": time.time(),
     }
+
+
+def event(
+    kind: str, patient_id: str, ep, severity: str, model_version: str, worker_id: str
+) -> dict:
+    """A rhythm-episode event (`models.episodes.Event`): open, update or close."""
+    rate = ep.heart_rate_bpm()
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "event_id": f"{ep.episode_id}/{kind}/{ep.last_seq}",
+        "episode_id": ep.episode_id,
+        "kind": kind,
+        "type": ep.type,
+        "severity": severity,
+        "patient_id": patient_id,
+        "start_time": round(ep.start_time, 3),
+        "end_time": round(ep.end_time, 3),
+        "first_seq": ep.first_seq,
+        "last_seq": ep.last_seq,
+        "beat_count": ep.beats,
+        "heart_rate_bpm": None if rate is None else round(rate, 1),
+        "confidence": round(ep.confidence, 3),
+        "detail": ep.detail,
+        "model_version": model_version,
+        "worker_id": worker_id,
+        "created_at": time.time(),
+    }

@@ -142,6 +142,38 @@ class WorkerMetrics:
             ["version", "threshold"],
             registry=r,
         )
+        self.events = Counter(
+            "ecg_events_total",
+            "Rhythm-episode events published, by kind (open, update, close) and episode type",
+            ["kind", "type"],
+            registry=r,
+        )
+        self.episodes_started = Counter(
+            "ecg_episodes_started_total",
+            "Rhythm episodes started, by type (whole short episodes included)",
+            ["type"],
+            registry=r,
+        )
+        self.episodes_open = Gauge(
+            "ecg_episodes_open", "Rhythm episodes open now, by type", ["type"], registry=r
+        )
+        self.patient_seconds = Counter(
+            "ecg_patient_seconds_total",
+            "Patient time covered by the beats processed (sum of known RR intervals): the "
+            "denominator of alerts and events per patient-hour",
+            registry=r,
+        )
+        self.rhythm_restored = Counter(
+            "ecg_rhythm_patients_restored_total",
+            "Patients whose rhythm-stage state was restored from the changelog on assignment",
+            registry=r,
+        )
+        self.rhythm_restore_seconds = Histogram(
+            "ecg_rhythm_restore_seconds",
+            "Reading a partition's rhythm changelog on assignment",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
 
 
 class EvaluatorMetrics:

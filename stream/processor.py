@@ -17,10 +17,12 @@ import numpy as np
 
 from models.batches import ModelBatch, Repair
 from models.data import AAMI_CLASSES, BEAT_LEN
+from models.episodes import Beat
 from stream import messages
 from stream.config import Config
 from stream.messages import InvalidMessage, RawBeat
 from stream.metrics import WorkerMetrics
+from stream.rhythm_stage import RhythmStage
 from stream.state import Admitted, PatientRegistry, pad
 
 STATUSES = ("complete", "repaired", "unrecoverable")
@@ -37,6 +39,7 @@ class Output:
     """Everything one batch produces, in publish order, and the offsets it completes."""
 
     messages: list[tuple[str, bytes | None, bytes]] = field(default_factory=list)
+    state: list[tuple[int, bytes, bytes]] = field(default_factory=list)  # changelog records
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # next offset to read
     sent_at: list[float] = field(default_factory=list)  # source publish time of each beat
     counts: Counter = field(default_factory=Counter)  # counter -> increment, once published
@@ -95,6 +98,8 @@ class Processor:
         self.metrics = metrics
         self.worker_id = worker_id
         self.registry = PatientRegistry()
+        self.rhythm = RhythmStage(cfg, metrics, engine.version, worker_id)
+        self.beat_alerts = frozenset(cfg.worker.beat_alerts)
         metrics.model_info.labels(engine.version, f"{engine.threshold:.6g}").set(1)
         # Labelled children resolved once: labels() costs more than inc() on the hot path.
         self.produced = {s: metrics.produced.labels(s) for s in STATUSES}
@@ -149,29 +154,37 @@ class Processor:
             self.metrics.inference.observe(result.seconds)
 
     def complete(self, batch: Prepared, result: Repair | None) -> Output:
-        """Build the repaired-beat and alert messages of a prepared batch. Touches no patient
-        state. Its counts go into `Output.counts`, for the worker to add once the batch is
-        published."""
+        """Build the repaired-beat, alert and event messages of a prepared batch, and the
+        rhythm changelog records. Batches complete strictly in order, so each patient's beats
+        reach the rhythm stage in order. Its counts go into `Output.counts`, for the worker
+        to add once the batch is published."""
         out = batch.out
         row = 0
         if result is not None:  # Python floats once per batch, not numpy scalars per beat
             probabilities, scores = result.probabilities.tolist(), result.anomaly_score.tolist()
         for a in batch.accepted:
             alerts: list[tuple[str, dict]] = []
+            beat = Beat(a.beat.seq, a.beat.timestamp, None)
             recovered = None
             if not a.unrecoverable:
-                recovered = (result.samples[row], probabilities[row], scores[row])
+                probs = probabilities[row]
+                beat.confidence = max(probs)
+                beat.label = AAMI_CLASSES[probs.index(beat.confidence)]
+                recovered = (result.samples[row], beat, probs, scores[row])
                 row += 1
             out.messages.append(self._message(a, recovered, alerts, out.counts))
             for kind, detail in alerts:
                 self._alert(out, kind, a.beat, detail)
+            self.rhythm.observe(a.record.partition, a.beat.patient_id, beat, out)
             out.sent_at.append(a.beat.sent_at or a.beat.timestamp)
+        self.rhythm.snapshots(out)
         return out
 
     def _admit(self, rec, out: Output) -> _Accepted:
         w = self.cfg.worker
         beat = messages.decode_raw(rec.value, rec.key, w.max_message_bytes)
         admitted = self.registry.admit(rec.partition, beat)
+        self.rhythm.arrival(rec.partition, beat.patient_id)
         lost = admitted.lost
         if lost > 0:
             out.counts[self.metrics.lost] += lost
@@ -197,8 +210,8 @@ class Processor:
 
     def _message(self, a: _Accepted, recovered, alerts: list, counts: Counter):
         """The repaired-beat message of one accepted beat; its alerts go into `alerts`.
-        `recovered`: the beat's (filled samples, class probabilities, anomaly score), or None
-        for an unrecoverable beat."""
+        `recovered`: the beat's (filled samples, rhythm-stage beat with its class, class
+        probabilities, anomaly score), or None for an unrecoverable beat."""
         beat = a.beat
         n_missing = a.n_missing
         counts[self.metrics.samples_missing] += n_missing
@@ -243,15 +256,21 @@ class Processor:
         return (self.cfg.topics.repaired, beat.patient_id.encode(), messages.dumps(body))
 
     def _repaired_fields(
-        self, beat: RawBeat, filled, probs: list[float], score: float, alerts: list, counts: Counter
+        self,
+        beat: RawBeat,
+        filled,
+        classified: Beat,
+        probs: list[float],
+        score: float,
+        alerts: list,
+        counts: Counter,
     ) -> dict:
         samples = list(beat.raw_values)  # observed values exactly as received
         gaps = np.flatnonzero(beat.missing)
         for i, value in zip(gaps.tolist(), np.round(filled[gaps], IMPUTED_DECIMALS).tolist()):
             samples[i] = value
         counts[self.metrics.samples_imputed] += len(gaps)
-        confidence = max(probs)
-        label = AAMI_CLASSES[probs.index(confidence)]
+        confidence, label = classified.confidence, classified.label
         flag = score > self.engine.threshold
         counts[self.classified[label]] += 1
         if flag:
@@ -277,6 +296,8 @@ class Processor:
         }
 
     def _alert(self, out: Output, kind: str, beat: RawBeat, detail: dict) -> None:
+        if kind not in self.beat_alerts:
+            return
         out.counts[self.alerts[kind]] += 1
         msg = messages.alert(
             kind, "warning", beat.patient_id, beat.seq, beat.timestamp, detail, self.engine.version

@@ -16,6 +16,12 @@ import orjson
 from stream.config import Config
 from stream.kafka import assign_all, make_consumer
 
+# At-least-once topics and what identifies a message on them.
+DEDUP_KEYS = {
+    "repaired": lambda msg: (msg["patient_id"], msg["seq"]),
+    "events": lambda msg: msg["event_id"],
+}
+
 
 def describe(topic_kind: str, msg: dict) -> str:
     """One human-readable line for a message of the given topic kind."""
@@ -31,6 +37,14 @@ def describe(topic_kind: str, msg: dict) -> str:
         )
     if topic_kind == "alerts":
         return f"{msg['patient_id']} seq={msg['seq']} {msg['type']} {orjson.dumps(msg['detail'])}"
+    if topic_kind == "events":
+        rate = msg.get("heart_rate_bpm")
+        return (
+            f"{msg['patient_id']} {msg['kind']:<6} {msg['type']} ({msg['severity']}) "
+            f"seq {msg['first_seq']}-{msg['last_seq']} beats={msg['beat_count']} "
+            f"{msg['end_time'] - msg['start_time']:.1f} s "
+            f"rate={'-' if rate is None else f'{rate:.0f}/min'} conf={msg['confidence']:.2f}"
+        )
     if topic_kind == "dlq":
         return f"offset={msg['partition']}:{msg['offset']} {msg['reason']}: {msg['detail']}"
     return f"{msg.get('patient_id')} seq={msg.get('seq')}"
@@ -83,8 +97,8 @@ def tail(
             for records in consumer.poll(timeout_ms=500).values():
                 for rec in records:
                     msg = orjson.loads(rec.value)
-                    if topic_kind == "repaired":
-                        key = (msg["patient_id"], msg["seq"])
+                    if topic_kind in DEDUP_KEYS:
+                        key = DEDUP_KEYS[topic_kind](msg)
                         if key in seen:
                             continue
                         seen.add(key)

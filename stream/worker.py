@@ -51,7 +51,7 @@ from kafka.errors import (
 )
 
 from stream.config import Config
-from stream.kafka import make_consumer, make_producer, partition_lag
+from stream.kafka import make_consumer, make_producer, partition_lag, read_to_end
 from stream.metrics import WorkerMetrics
 from stream.processor import Output, Prepared, Processor
 
@@ -95,6 +95,8 @@ class Worker:
             cfg.kafka, cfg.worker.group_id, max_poll_records=cfg.worker.max_batch
         )
         self.producer = make_producer(cfg.kafka, max_block_ms=5000)
+        self.state_reader = make_consumer(cfg.kafka, None)  # the rhythm changelog, on assignment
+        self.sweep_at = 0.0
         self.pending: list = []
         self.in_flight: deque[tuple[Prepared, Future]] = deque()
         self.committed: dict[tuple[str, int], int] = {}
@@ -128,6 +130,7 @@ class Worker:
                     self.finish_batch()
                 if max_batches and self.batches >= max_batches:
                     break
+                self.sweep_silent()
         finally:
             self.close()
 
@@ -209,7 +212,9 @@ class Worker:
         acknowledgements counts as a failed produce, so an outage shows in the metrics while
         the worker waits here.
         """
-        todo, in_flight = output.messages, []
+        state = self.cfg.topics.rhythm_state
+        todo = output.messages + [(state, key, value, p) for p, key, value in output.state]
+        in_flight = []
         attempt = resends = 0
         while todo or in_flight:
             in_flight += [(msg, self._send(*msg)) for msg in todo]
@@ -237,10 +242,10 @@ class Worker:
             attempt += 1
         return True
 
-    def _send(self, topic: str, key: bytes | None, value: bytes):
+    def _send(self, topic: str, key: bytes | None, value: bytes, partition: int | None = None):
         """producer.send(), or the KafkaTimeoutError it raised (resent on the next round)."""
         try:
-            return self.producer.send(topic, key=key, value=value)
+            return self.producer.send(topic, key=key, value=value, partition=partition)
         except KafkaTimeoutError as exc:
             return exc
 
@@ -328,6 +333,7 @@ class Worker:
                 self.consumer.seek(TopicPartition(topic, partition), offset)
         numbers = [tp.partition for tp in partitions]
         resets = self.processor.registry.drop_partitions(numbers)
+        self.processor.rhythm.drop(numbers)
         self.metrics.state_resets.inc(resets)
         for tp in partitions:
             self.committed.pop((tp.topic, tp.partition), None)
@@ -339,19 +345,22 @@ class Worker:
         self.unaligned = set(partitions)  # checked by the main loop (no blocking calls here)
         self.metrics.partitions.set(len(self.consumer.assignment()))
         log.info(
-            "partitions assigned: %s (patient state is rebuilt from the next beats)",
+            "partitions assigned: %s (rhythm state is restored from the changelog, templates "
+            "are rebuilt from the next beats)",
             sorted(tp.partition for tp in partitions),
         )
 
     def align_positions(self) -> None:
-        """Start each newly assigned partition at max(fetch position, committed offset).
+        """Prepare each newly assigned partition before any of its records is processed:
+        start it at max(fetch position, committed offset), then restore its patients'
+        rhythm state from the changelog.
 
         kafka-python keeps a partition's fetch position when the partition is in both its
         old and new assignment, even if this member missed generations in between (the
         embedded broker can leave a member out of the group for seconds) while another
         member processed the partition and committed further. Resuming from the stale
-        position would publish all of that again. Records already polled from it are
-        dropped; a partition whose check fails is checked again after the next poll.
+        position would publish all of that again. A partition whose check or restore fails
+        has its polled records put back (rewound) and is tried again after the next poll.
         """
         wait_ms = int(ACK_WAIT_S * 1000)
         for tp in list(self.unaligned):
@@ -361,23 +370,54 @@ class Worker:
             try:
                 committed = self.consumer.committed(tp, timeout_ms=wait_ms)
                 position = self.consumer.position(tp, timeout_ms=wait_ms)
+                if committed is not None and position is not None and position < committed:
+                    log.warning(
+                        "%s[%d]: position %d is behind the committed offset %d (another "
+                        "member got further); skipping ahead",
+                        tp.topic,
+                        tp.partition,
+                        position,
+                        committed,
+                    )
+                    self._hold_back(tp, committed)
+                self.restore_rhythm(tp.partition)
             except KafkaError as exc:
-                log.warning("cannot check the position of %s (%s); retrying", tp, exc)
+                log.warning("cannot prepare %s (%s); retrying after the next poll", tp, exc)
+                self._hold_back(tp)
                 continue
             self.unaligned.discard(tp)
-            if committed is None or position is None or position >= committed:
-                continue
-            log.warning(
-                "%s[%d]: position %d is behind the committed offset %d (another member got "
-                "further); skipping ahead",
-                tp.topic,
-                tp.partition,
-                position,
-                committed,
-            )
-            self.consumer.seek(tp, committed)
-            key = (tp.topic, tp.partition)
-            self.pending = [r for r in self.pending if (r.topic, r.partition) != key]
+
+    def _hold_back(self, tp: TopicPartition, offset: int | None = None) -> None:
+        """Drop the polled records of a partition and seek to `offset` (default: the first
+        of them), so that they are read again."""
+        key = (tp.topic, tp.partition)
+        held = [r.offset for r in self.pending if (r.topic, r.partition) == key]
+        self.pending = [r for r in self.pending if (r.topic, r.partition) != key]
+        if offset is None and held:
+            offset = min(held)
+        if offset is not None:
+            self.consumer.seek(tp, offset)
+
+    def restore_rhythm(self, partition: int) -> None:
+        started = time.perf_counter()
+        tp = TopicPartition(self.cfg.topics.rhythm_state, partition)
+        records = read_to_end(self.state_reader, tp, timeout_s=ACK_WAIT_S * 6)
+        patients = self.processor.rhythm.restore(partition, records)
+        self.metrics.rhythm_restore_seconds.observe(time.perf_counter() - started)
+        if patients:
+            log.info("partition %d: rhythm state of %d patients restored", partition, patients)
+
+    def sweep_silent(self) -> None:
+        """Publish signal-loss events of patients gone silent (at most once a second)."""
+        now = time.monotonic()
+        if now < self.sweep_at:
+            return
+        self.sweep_at = now + HEALTH_CHECK_S
+        output = Output()
+        self.processor.rhythm.sweep(output)
+        if (output.messages or output.state) and self.publish(output):
+            for counter, amount in output.counts.items():
+                counter.inc(amount)
 
     def update_lag(self) -> None:
         try:
@@ -424,6 +464,7 @@ class Worker:
             # replayed by the partitions' next owner.
             try:
                 self.consumer.close(autocommit=False)
+                self.state_reader.close()
             finally:
                 self.producer.close(timeout=5)
         log.info("worker %s stopped after %d batches", self.worker_id, self.batches)
