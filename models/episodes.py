@@ -253,9 +253,10 @@ class PatientRhythm:
         if self.last_seq is not None and beat.seq <= self.last_seq:
             return []
         silent = self.open.get("signal_loss")
-        if silent is not None and silent.detail.get("cause") == "silent":
+        silent = silent is not None and silent.detail.get("cause") == "silent"
+        if silent:  # whether the heart paused or the device was away is unknown
             self._close("signal_loss", beat.time)
-        rr = self._interval(beat)
+        rr = None if silent else self._interval(beat)
         self._signal(beat)
         if rr is not None and rr >= self.cfg.pause_s:
             self._instant("pause", self._previous(), beat, rr, {"rr_s": round(rr, 3)})
@@ -278,7 +279,7 @@ class PatientRhythm:
         if self.last_seq is None or "signal_loss" in self.open:
             return []
         detail = {"cause": "silent", "silent_for_s": round(silent_for_s, 1)}
-        self._open("signal_loss", self._previous(), 1.0, detail).beats = 0
+        self._open("signal_loss", self._previous(), 1.0, detail, beats=0)
         return self.events
 
     def _previous(self) -> Beat:
@@ -357,8 +358,8 @@ class PatientRhythm:
             return
         share = round(sum(steps) / len(steps), 3)
         if ep is None and share >= c.af_open:
-            ep = self._open_window("atrial_fibrillation", w, steps.index(True) + 1, beat, share)
-            ep.detail["irregular_share"] = share
+            first = steps.index(True) + 1
+            self._open_window("atrial_fibrillation", w, first, beat, share, irregular_share=share)
         elif ep is not None:
             ep.confidence = max(ep.confidence, share)
             ep.detail["irregular_share"] = share
@@ -411,13 +412,16 @@ class PatientRhythm:
             self._emit("close", ep, whole=True)
 
     def _patterns(self, beat: Beat, rr: float | None) -> None:
-        """Bigeminy and trigeminy: a V every 2nd / 3rd beat; closed after two missed ones."""
+        """Bigeminy and trigeminy: a V every 2nd / 3rd beat. While open, a V where the
+        pattern expects one keeps it (one missed V does not split it); two missed close it."""
         for name, chain in self.chains.items():
             ep = self.open.get(name)
             if ep is not None:
                 ep.add(beat, rr)
             if beat.label == "V":
-                if beat.seq - chain.last_v_seq == chain.period:
+                since = beat.seq - chain.last_match_seq
+                on_beat = ep is not None and since % chain.period == 0
+                if beat.seq - chain.last_v_seq == chain.period or on_beat:
                     chain.count += 1
                     chain.confidence_sum += beat.confidence
                     chain.last_match_seq, chain.last_match_time = beat.seq, beat.time
@@ -427,9 +431,15 @@ class PatientRhythm:
                 chain.last_v_seq = beat.seq
                 if ep is None and chain.count >= self.cfg.pattern_cycles:
                     first = Beat(chain.first_seq, chain.start_time, None)
-                    ep = self._open(name, first, chain.confidence_sum / chain.count, {})
-                    ep.beats = beat.seq - chain.first_seq + 1
-                    ep.last_seq, ep.end_time = beat.seq, beat.time
+                    ep = self._open(
+                        name,
+                        first,
+                        chain.confidence_sum / chain.count,
+                        {},
+                        beats=beat.seq - chain.first_seq + 1,
+                        last_seq=beat.seq,
+                        end_time=beat.time,
+                    )
             if ep is not None and beat.seq - chain.last_match_seq > 2 * chain.period:
                 ep.last_seq = chain.last_match_seq
                 ep.beats = ep.last_seq - ep.first_seq + 1
@@ -437,8 +447,11 @@ class PatientRhythm:
 
     # ------------------------------------------------------------------ episodes
 
-    def _open(self, name: str, first: Beat, confidence: float, detail: dict) -> Episode:
+    def _open(self, name: str, first: Beat, confidence: float, detail: dict, **fields):
+        """Open an episode from `first` (`fields`: its other Episode fields so far)."""
         ep = self._episode(name, first, confidence, detail)
+        for key, value in fields.items():
+            setattr(ep, key, value)
         self.open[name] = ep
         self._emit("open", ep)
         return ep
@@ -458,17 +471,32 @@ class PatientRhythm:
         )
 
     def _open_run(self, name: str, run: Run, detail: dict, confidence: float) -> Episode:
-        ep = self._open(name, Beat(run.first_seq, run.start_time, None), confidence, detail)
-        ep.beats, ep.last_seq, ep.end_time = run.count, run.last_seq, run.end_time
-        ep.rr_sum, ep.rr_count = run.rr_sum, run.rr_count
-        return ep
+        return self._open(
+            name,
+            Beat(run.first_seq, run.start_time, None),
+            confidence,
+            detail,
+            beats=run.count,
+            last_seq=run.last_seq,
+            end_time=run.end_time,
+            rr_sum=run.rr_sum,
+            rr_count=run.rr_count,
+        )
 
-    def _open_window(self, name: str, w: Window, k: int, beat: Beat, confidence) -> Episode:
+    def _open_window(self, name: str, w: Window, k: int, beat: Beat, confidence, **detail):
         """An episode over a window's intervals k.. up to this beat."""
-        ep = self._open(name, w.start_of(k), confidence, {})
-        ep.rr_sum, ep.rr_count = sum(w.rr[k:]), len(w.rr) - k
-        ep.beats, ep.last_seq, ep.end_time = beat.seq - ep.first_seq + 1, beat.seq, beat.time
-        return ep
+        first = w.start_of(k)
+        return self._open(
+            name,
+            first,
+            confidence,
+            detail,
+            rr_sum=sum(w.rr[k:]),
+            rr_count=len(w.rr) - k,
+            beats=beat.seq - first.seq + 1,
+            last_seq=beat.seq,
+            end_time=beat.time,
+        )
 
     def _close(self, name: str, end_time: float) -> None:
         ep = self.open.pop(name)
