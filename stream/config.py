@@ -297,6 +297,8 @@ def coerce(value, kind, key: str):
     if origin in (list,):
         if isinstance(value, str):
             value = [v for v in value.replace(",", " ").split() if v]
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            value = [value]  # one record number: `--set simulator.records=201`
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list")
         return [str(v) for v in value]

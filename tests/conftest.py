@@ -120,7 +120,8 @@ def unique_topics_config(broker, data_dir: Path | None, *overrides: str) -> Conf
     if isinstance(broker, str):
         broker = types.SimpleNamespace(bootstrap=broker, embedded=True)
     tag = uuid.uuid4().hex[:8]
-    base = [f"topics.{k}=t{tag}.{k}" for k in ("raw", "truth", "repaired", "alerts", "dlq")]
+    topics = ("raw", "truth", "repaired", "alerts", "dlq", "events", "rhythm_state")
+    base = [f"topics.{k}=t{tag}.{k}" for k in topics]
     base += [f"worker.group_id=workers-{tag}", f"evaluator.group_id=eval-{tag}", "metrics.port=0"]
     # Several workers share two cores in the tests: one torch thread each avoids
     # oversubscription (measured: 2 threads each ran ~10x slower on a busy machine).

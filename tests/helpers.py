@@ -288,3 +288,34 @@ def run_simulator(cfg: Config, stop=None):
         return simulate(cfg, producer, SimulatorMetrics(), stop)
     finally:
         producer.close()
+
+
+class EventFollower(TopicFollower):
+    """Follows the events topic, keeping each event once (by event_id) in arrival order."""
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg, cfg.topics.events)
+        self.events: dict[str, dict] = {}
+        self.copies = 0
+
+    def poll(self, timeout_ms: int = 300) -> int:
+        new = 0
+        for recs in self.consumer.poll(timeout_ms=timeout_ms, max_records=5000).values():
+            for r in recs:
+                msg = orjson.loads(r.value)
+                self.copies += 1
+                if msg["event_id"] not in self.events:
+                    self.events[msg["event_id"]] = msg
+                    new += 1
+        if new:
+            self.last_new = time.monotonic()
+        return new
+
+    def of(self, patient_id: str, type_: str | None = None, kind: str | None = None) -> list:
+        return [
+            e
+            for e in self.events.values()
+            if e["patient_id"] == patient_id
+            and type_ in (None, e["type"])
+            and kind in (None, e["kind"])
+        ]
