@@ -20,7 +20,9 @@ Rules (every threshold lives in `EpisodeConfig`, with where its default comes fr
   open (an irregular rhythm makes early, S-shaped beats by definition);
 - atrial fibrillation: the share of irregular successive RR intervals (differing by more
   than `af_delta` of the median) over the last `af_window` intervals that do not touch a V
-  beat, with hysteresis; the episode spans its first to its last irregular interval;
+  beat, with hysteresis; the episode spans its first to its last irregular interval. It does
+  not open where fewer than `af_min_usable` of the window's beats are usable (dense
+  ventricular ectopy: there a few missed V calls would be all the irregularity left);
 - bradycardia / tachycardia: the median heart rate of the last `rate_beats` intervals, with
   `rate_hysteresis_bpm` of hysteresis;
 - pause: an RR interval of >= `pause_s` between consecutive seq numbers (seen, not guessed);
@@ -78,6 +80,7 @@ class EpisodeConfig:
     af_delta: float = 0.1  # an interval is irregular if it differs by > 10% from the last one
     af_open: float = 0.55  # share of irregular intervals to open (tuned on DS1 only)
     af_close: float = 0.35  # and to close
+    af_min_usable: float = 0.66  # opens only if this share of the window's beats is usable
     rate_beats: int = 16  # heart-rate window (monitors average 4-16 beats; 8 flapped)
     brady_bpm: float = 50.0  # default adult low limit of bedside monitors
     tachy_bpm: float = 120.0  # default adult high limit of bedside monitors
@@ -94,6 +97,8 @@ class EpisodeConfig:
                 raise ValueError(f"episodes.{name} must be >= 2")
         if self.af_window < 8:
             raise ValueError("episodes.af_window must be >= 8")
+        if not 0 <= self.af_min_usable <= 1:
+            raise ValueError("episodes.af_min_usable must be in [0, 1]")
         if not 0 <= self.af_close <= self.af_open <= 1:
             raise ValueError("episodes: need 0 <= af_close <= af_open <= 1")
         if not 0 < self.brady_bpm < self.tachy_bpm:
@@ -357,7 +362,8 @@ class PatientRhythm:
         if not w.full():
             return
         share = round(sum(steps) / len(steps), 3)
-        if ep is None and share >= c.af_open:
+        usable = len(w.rr) / (w.seqs[-1] - w.seqs[0] + 1)
+        if ep is None and share >= c.af_open and usable >= c.af_min_usable:
             first = steps.index(True) + 1
             self._open_window("atrial_fibrillation", w, first, beat, share, irregular_share=share)
         elif ep is not None:

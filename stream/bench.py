@@ -46,6 +46,7 @@ from stream.kafka import assign_all, ensure_topics, make_consumer, make_producer
 from stream.messages import decode_raw
 from stream.metrics import SimulatorMetrics, WorkerMetrics
 from stream.processor import Output, Prepared, batch_offsets, resolved
+from stream.rhythm_stage import RhythmStage
 from stream.state import PatientRegistry
 from stream.worker import IDLE_POLL_MS, Worker
 
@@ -119,8 +120,10 @@ class PassThrough:
 
     def __init__(self, cfg: Config, metrics: WorkerMetrics):
         self.cfg, self.metrics = cfg, metrics
-        # Sequence checks only (the worker resets the registry on rebalances).
+        # Sequence checks only (the worker resets the registry on rebalances), and an idle
+        # rhythm stage (the worker restores its changelog on assignment).
         self.registry = PatientRegistry()
+        self.rhythm = RhythmStage(cfg, metrics, "pass-through", "bench")
 
     def prepare(self, records) -> Prepared:
         offsets, first = batch_offsets(records)
@@ -142,7 +145,7 @@ class PassThrough:
 def fresh(cfg: Config, tag: str, *overrides: str) -> Config:
     """A copy of cfg with its own topics and consumer group (cfg itself is left alone)."""
     out = copy.deepcopy(cfg)
-    for key in ("raw", "truth", "repaired", "alerts", "dlq"):
+    for key in ("raw", "truth", "repaired", "alerts", "dlq", "events", "rhythm_state"):
         setattr(out.topics, key, f"bench.{tag}.{key}")
     out.worker.group_id = f"bench-{tag}"
     for item in overrides:

@@ -21,6 +21,7 @@ neither lost nor opened twice. Events are delivered at least once: de-duplicate 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 
@@ -32,6 +33,7 @@ from stream.config import Config
 from stream.metrics import WorkerMetrics
 
 STATE_VERSION = 1  # of the changelog records (internal: read only by workers)
+log = logging.getLogger(__name__)
 
 
 class RhythmStage:
@@ -133,16 +135,26 @@ class RhythmStage:
         for rec in records:
             if rec.key is None:
                 continue
-            patient_id = rec.key.decode()
+            patient_id = rec.key.decode(errors="replace")  # keys are the workers' own
             old = patients.pop(patient_id, None)
             if old is not None:
                 self._gauge_open(old, -1)
             if rec.value is None:  # a tombstone: the patient's state was deleted
                 continue
-            body = orjson.loads(rec.value)
-            if body.get("state_version") != STATE_VERSION:
+            try:
+                body = orjson.loads(rec.value)
+                if body.get("state_version") != STATE_VERSION:
+                    raise ValueError(f"state_version {body.get('state_version')!r}")
+                rhythm = PatientRhythm.restore(patient_id, self.cfg.episodes, body["state"])
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                # Never fatal: the patient starts afresh, as it would without a changelog.
+                log.warning(
+                    "partition %d: unreadable rhythm state of %s skipped (%s)",
+                    partition,
+                    patient_id,
+                    exc,
+                )
                 continue
-            rhythm = PatientRhythm.restore(patient_id, self.cfg.episodes, body["state"])
             patients[patient_id] = rhythm
             self.snapshot_at[patient_id] = rhythm.last_time
             self.arrived[(partition, patient_id)] = time.monotonic()

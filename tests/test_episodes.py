@@ -211,3 +211,27 @@ def test_config_bounds_are_checked():
         EpisodeConfig(af_open=0.3, af_close=0.5).validate()
     with pytest.raises(ValueError, match="vt_beats"):
         EpisodeConfig(vt_beats=1).validate()
+
+
+def test_an_unreadable_changelog_record_is_skipped_not_fatal():
+    """A corrupt or future-version state record leaves that patient to start afresh."""
+    from types import SimpleNamespace
+
+    from stream.config import load_config
+    from stream.metrics import WorkerMetrics
+    from stream.rhythm_stage import RhythmStage
+
+    stage = RhythmStage(load_config(env={}), WorkerMetrics(), "test", "w0")
+    good = PatientRhythm("p1", EpisodeConfig())
+    feed(good, "NNVV")
+    records = [
+        SimpleNamespace(key=b"p0", value=b"not json"),
+        SimpleNamespace(key=b"p2", value=b'{"state_version": 99, "state": {}}'),
+        SimpleNamespace(key=b"p3", value=b'{"state_version": 1, "state": {"last_seq": 1}}'),
+        SimpleNamespace(
+            key=b"p1", value=json.dumps({"state_version": 1, "state": good.snapshot()}).encode()
+        ),
+        SimpleNamespace(key=b"p4", value=None),  # a tombstone
+    ]
+    assert stage.restore(0, records) == 1
+    assert stage.partitions[0]["p1"].last_seq == 3

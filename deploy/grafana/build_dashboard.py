@@ -156,6 +156,27 @@ LAYOUT = [
               "or on() vector(0)", "{{reason}}"),
         ], "short", "Messages sent to ecg.beats.dlq")),
     ]),
+    ("Rhythm episodes (ecg.events)", [
+        (6, 8, timeseries("Open episodes by type", [
+            q(f"sum by (type) (ecg_episodes_open{{{W}}}) or on() vector(0)", "{{type}}"),
+        ], "short", "Episodes open now, all patients (signal_loss includes silent patients)")),
+        (6, 8, timeseries("Episodes started by type (per minute)", [
+            q(f"60 * sum by (type) (rate(ecg_episodes_started_total{{{W}}}[1m])) "
+              "or on() vector(0)", "{{type}}"),
+        ], "short", "Opened episodes, and short ones reported whole (couplets, pauses)")),
+        (6, 8, timeseries("Events and alerts per patient-hour", [
+            q(f"3600 * sum(rate(ecg_events_total{{{W}}}[1m])) "
+              f"/ sum(rate(ecg_patient_seconds_total{{{W}}}[1m]))", "events"),
+            q(f"3600 * sum(rate(ecg_alerts_total{{{W}}}[1m])) "
+              f"/ sum(rate(ecg_patient_seconds_total{{{W}}}[1m]))", "per-beat alerts"),
+        ], "short", "Messages per hour of patient time: what a monitoring system must read")),
+        (6, 8, timeseries("Rhythm state restores", [
+            q(f"sum(increase(ecg_rhythm_patients_restored_total{{{W}}}[1m])) or vector(0)",
+              "patients restored (1m)"),
+            q(f"histogram_quantile(0.99, sum by (le) "
+              f"(rate(ecg_rhythm_restore_seconds_bucket{{{W}}}[1m])))", "restore p99 (s)"),
+        ], "short", "Changelog reads on partition assignment (rebalances, restarts)")),
+    ]),
     ("Live quality (simulator --truth + evaluate-live)", [
         (10, 8, timeseries("Live RMSE: model vs linear interpolation", [
             q("sqrt(sum by (method) (rate(ecg_live_squared_error_total[1m])) / ignoring(method)"
