@@ -240,7 +240,7 @@ def duration_scores(reference: dict, detected: dict) -> dict:
     }
 
 
-def score(replays: list[Replay], reference: dict, runs: dict) -> dict:
+def score(replays: list[Replay], reference: dict, runs: dict, kept_alerts) -> dict:
     """Per-type episode statistics, AF duration statistics and message rates."""
     detected: dict[str, dict[str, list]] = {}
     for rp in replays:
@@ -272,6 +272,7 @@ def score(replays: list[Replay], reference: dict, runs: dict) -> dict:
     events = sum(rp.events for rp in replays)
     alerts = {k: sum(rp.beat_alerts[k] for rp in replays) for k in replays[0].beat_alerts}
     per_beat = sum(alerts.values())
+    kept = sum(alerts[k] for k in kept_alerts)
     counts = {t: sum(len(v) for v in d.values()) for t, d in sorted(detected.items())}
     return {
         "types": types,
@@ -285,14 +286,19 @@ def score(replays: list[Replay], reference: dict, runs: dict) -> dict:
             "per_beat_alerts": alerts,
             "per_beat_alerts_per_patient_hour": per_beat / hours,
             "alerts_to_events": per_beat / events if events else None,
+            "kept_alerts": list(kept_alerts),
+            "kept_alerts_per_patient_hour": kept / hours,
         },
     }
 
 
-def evaluate_events(out_dir, data_dir, checkpoint, cfg: EpisodeConfig, dropout) -> dict:
+def evaluate_events(
+    out_dir, data_dir, checkpoint, cfg: EpisodeConfig, dropout, kept_alerts=("lost_beats",)
+) -> dict:
     """Replay DS2 clean and with `dropout` (beats -> (missing, lost) masks: the simulator's
     dropout, passed in so that models/ stays free of the stream); write report.json and
-    report.md; return the report."""
+    report.md; return the report. `kept_alerts`: the per-beat alert types still published
+    beside the events (worker.beat_alerts)."""
     out, data_dir = Path(out_dir), Path(data_dir)
     out.mkdir(parents=True, exist_ok=True)
     net, meta = load_checkpoint(checkpoint)
@@ -315,7 +321,7 @@ def evaluate_events(out_dir, data_dir, checkpoint, cfg: EpisodeConfig, dropout) 
     clean = np.zeros(ds2.samples.shape, bool), np.zeros(len(ds2), bool)
     for condition, masks in (("clean", clean), ("dropout", dropout(ds2))):
         replays = run_condition(net, meta, ds2, masks, cfg)
-        report["conditions"][condition] = score(replays, reference, runs)
+        report["conditions"][condition] = score(replays, reference, runs, kept_alerts)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(render_markdown(report))
     return report
@@ -361,7 +367,9 @@ def render_markdown(report: dict) -> str:
             f"({r['events_per_patient_hour']:.1f} per patient-hour; "
             f"{r['episodes_per_patient_hour']:.1f} episodes) against "
             f"{r['per_beat_alerts_per_patient_hour']:.0f} per-beat alerts per patient-hour "
-            f"({alerts}): {r['alerts_to_events']:.1f}x fewer.",
+            f"({alerts}): {r['alerts_to_events']:.1f}x fewer. Per-beat alerts still published "
+            f"({', '.join(r['kept_alerts'])}): {r['kept_alerts_per_patient_hour']:.1f} per "
+            "patient-hour.",
             "",
             "Episodes by type: "
             + ", ".join(f"{k} {v}" for k, v in c["episodes_by_type"].items())

@@ -121,7 +121,7 @@ class WorkerConfig:
     max_wait_ms: int = 1  # see defaults.yaml
     unrecoverable_fraction: float = 0.6  # more missing than this: unrecoverable, not invented
     max_message_bytes: int = 65536
-    beat_alerts: list[str] = field(default_factory=lambda: ["lost_beats", "unrecoverable"])
+    beat_alerts: list[str] = field(default_factory=lambda: ["lost_beats"])
     alert_classes: list[str] = field(default_factory=lambda: ["S", "V", "F", "Q"])
     min_alert_probability: float = 0.5
     snapshot_interval_s: float = 10.0  # patient time between rhythm snapshots when idle

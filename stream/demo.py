@@ -160,17 +160,21 @@ class Demo:
             f"[{elapsed:5.0f}s] sent {sent:>6}  repaired {int(produced):>6} ({rate:6.0f} beats/s)"
             f"  latency p50 {p50:5.1f} ms p99 {p99:6.1f} ms  imputed samples {imputed:>7}"
             f"  unrecoverable {unrecoverable}  anomalies {anomalies}"
+            f"  episodes open {int(total(families, 'ecg_episodes_open'))}"
+            f" events {int(total(families, 'ecg_events_total'))}"
             f"  live RMSE model {ev.rmse('model'):.4f} vs linear {ev.rmse('linear'):.4f}",
             flush=True,
         )
         return produced
 
     def wait_for_drain(self, timeout_s: float = 60.0) -> dict:
-        """Wait until the workers have repaired everything the simulator sent."""
+        """Wait until the workers have published everything the simulator sent (repaired or
+        dead-lettered: their counters move once a batch is published, after consuming it)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             families = [f for _, port in self.procs for f in scrape(port)]
-            done = total(families, "ecg_messages_consumed_total")
+            done = total(families, "ecg_beats_produced_total")
+            done += total(families, "ecg_dlq_messages_total")
             if self.sim_result and done >= self.sim_result.sent:
                 break
             time.sleep(0.5)
@@ -306,6 +310,24 @@ def plot_grid(beats: list[dict], truth: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _by_type(families: list, name: str) -> dict:
+    counts = {}
+    for family in families:
+        for sample in family.samples:
+            if sample.name == name and sample.value:
+                kind = sample.labels["type"]
+                counts[kind] = counts.get(kind, 0) + int(sample.value)
+    return dict(sorted(counts.items()))
+
+
+def _per_patient_hour(families: list) -> str:
+    hours = total(families, "ecg_patient_seconds_total") / 3600
+    if not hours:
+        return "-"
+    events, alerts = total(families, "ecg_events_total"), total(families, "ecg_alerts_total")
+    return f"{events / hours:.0f} / {alerts / hours:.0f} ({hours:.2f} patient-hours)"
+
+
 def write_report(cfg: Config, demo: Demo, families: list, out: Path) -> Path:
     """report.md with the run's numbers and a PNG grid of repaired beats."""
     ev, res = demo.evaluator, demo.sim_result
@@ -350,6 +372,8 @@ def write_report(cfg: Config, demo: Demo, families: list, out: Path) -> Path:
         f"{ev.correct / max(ev.classified, 1):.3f} ({ev.classified} beats) |",
         f"| predicted classes | {classes} |",
         f"| anomalies by class | {anomalies} |",
+        f"| rhythm episodes started | {_by_type(families, 'ecg_episodes_started_total')} |",
+        f"| events / per-beat alerts per patient-hour | {_per_patient_hour(families)} |",
         "",
         "![repaired beats](repaired_beats.png)",
         "",

@@ -59,4 +59,6 @@ def run_event_evaluation(cfg: Config, out: Path) -> dict:
     checkpoint = Path(cfg.model.checkpoint or DEFAULT_CHECKPOINT)
     if not checkpoint.exists():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint} (run make train)")
-    return evaluate_events(out, data_dir, checkpoint, cfg.episodes, simulator_dropout(cfg))
+    return evaluate_events(
+        out, data_dir, checkpoint, cfg.episodes, simulator_dropout(cfg), cfg.worker.beat_alerts
+    )

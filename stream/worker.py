@@ -212,8 +212,10 @@ class Worker:
         acknowledgements counts as a failed produce, so an outage shows in the metrics while
         the worker waits here.
         """
-        state = self.cfg.topics.rhythm_state
-        todo = output.messages + [(state, key, value, p) for p, key, value in output.state]
+        todo = output.messages + [
+            (self.cfg.topics.rhythm_state, key, value, partition)
+            for partition, key, value in output.state
+        ]
         in_flight = []
         attempt = resends = 0
         while todo or in_flight:

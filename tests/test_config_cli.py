@@ -60,6 +60,9 @@ def test_precedence_yaml_env_cli(tmp_path):
         ("", ["kafka.linger_ms=-1"], "kafka.linger_ms"),
         ("", ["kafka.request_timeout_ms=10"], "kafka.request_timeout_ms"),
         ("", ["evaluator.max_pending=0"], "evaluator.max_pending"),
+        ("", ["worker.beat_alerts=lost_beats,loud"], "worker.beat_alerts"),
+        ("", ["episodes.af_open=0.2"], "af_close <= af_open"),
+        ("", ["episodes.pause_s=0"], "episodes.pause_s"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, content, overrides, needle):

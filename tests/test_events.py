@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
+import threading
 from pathlib import Path
 
 import jsonschema
@@ -11,6 +13,7 @@ import jsonschema
 from models import data as D
 from models.evaluate_events import rhythm_segments
 from stream.kafka import ensure_topics
+from stream.tail import tail
 from tests.helpers import (
     EventFollower,
     metric_sum,
@@ -29,7 +32,9 @@ VENTRICULAR = ("ventricular_couplet", "ventricular_run", "ventricular_tachycardi
 
 
 def validator() -> jsonschema.Draft202012Validator:
-    return jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text()))
+    """The event schema, closed: every field we write must be documented in it."""
+    schema = json.loads(SCHEMA.read_text())
+    return jsonschema.Draft202012Validator({**schema, "additionalProperties": False})
 
 
 def annotated(data_dir: Path, record: str, rhythm: str) -> list[tuple[float, float]]:
@@ -83,6 +88,11 @@ def test_records_with_annotated_episodes_give_open_and_close_events(
     check = validator()
     for event in follower.events.values():
         check.validate(event)
+    # `ecg-stream tail --topic events`: one readable line per event.
+    lines: list[str] = []
+    assert tail(cfg, "events", True, 5, None, False, threading.Event(), lines.append) == 5
+    pattern = r"p\d{5} (open|update|close) +[a-z_]+ \((info|warning|critical)\) seq -?\d+-\d+ "
+    assert all(re.match(pattern, line) for line in lines), lines
     beats = {r: D.load_beats([r], data_dir) for r in ("233", "201")}
 
     # 201: atrial fibrillation from the start, opened and closed where it is annotated.

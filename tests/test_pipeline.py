@@ -145,6 +145,7 @@ def test_simulator_to_two_workers(pipeline_config, checkpoint, tmp_path, mixed_d
             assert truth[key]["missing_mask"] == out["imputed_mask"]
     for a in alerts:
         alert_validator.validate(a)
+    assert {a["type"] for a in alerts} == {"lost_beats"}  # worker.beat_alerts by default
     for t in list(truth.values())[:500]:
         truth_validator.validate(t)
     lost_truth = sum(t["lost"] for t in truth.values())

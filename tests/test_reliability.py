@@ -134,7 +134,7 @@ class DuplicateOnFirstSend:
     def __init__(self):
         self.sent: list[bytes] = []
 
-    def send(self, topic, key=None, value=None):
+    def send(self, topic, key=None, value=None, partition=None):
         offset = len(self.sent) if value in self.sent else -1
         self.sent.append(value)
         future = Future()
@@ -212,10 +212,13 @@ def test_a_member_that_missed_generations_skips_to_the_committed_offset():
     kept = SimpleNamespace(topic="t", partition=1, offset=69)
     worker.pending = [SimpleNamespace(topic="t", partition=0, offset=59), kept]
     worker.unaligned = {behind, ahead, failing}
+    restored = []
+    worker.restore_rhythm = restored.append  # the changelog read, after the position check
     worker.align_positions()
     assert seeks == [(behind, 100)]
     assert worker.pending == [kept]
     assert worker.unaligned == {failing}  # checked again after the next poll
+    assert sorted(restored) == [0, 1]
 
 
 def test_revoked_partitions_drop_unpublished_records_and_rewind():
@@ -228,16 +231,20 @@ def test_revoked_partitions_drop_unpublished_records_and_rewind():
 
     from kafka import TopicPartition
 
+    from stream.config import load_config
     from stream.metrics import WorkerMetrics
     from stream.processor import Output, Prepared
+    from stream.rhythm_stage import RhythmStage
     from stream.state import PatientRegistry
     from stream.worker import Worker
 
     seeks = []
     worker = Worker.__new__(Worker)  # only the rebalance hook: no Kafka, no model
     worker.consumer = SimpleNamespace(seek=lambda tp, offset: seeks.append((tp, offset)))
-    worker.processor = SimpleNamespace(registry=PatientRegistry())
-    worker.metrics, worker.committed = WorkerMetrics(), {("t", 0): 3, ("t", 1): 9, ("t", 2): 1}
+    metrics = WorkerMetrics()
+    rhythm = RhythmStage(load_config(env={}), metrics, "test", "w0")
+    worker.processor = SimpleNamespace(registry=PatientRegistry(), rhythm=rhythm)
+    worker.metrics, worker.committed = metrics, {("t", 0): 3, ("t", 1): 9, ("t", 2): 1}
 
     def record(partition, offset):
         return SimpleNamespace(topic="t", partition=partition, offset=offset)

@@ -36,7 +36,9 @@ def strict(schema: dict) -> jsonschema.Draft202012Validator:
     return validator(closed)
 
 
-@pytest.mark.parametrize("name", ["raw-beat", "repaired-beat", "alert", "dead-letter", "truth"])
+@pytest.mark.parametrize(
+    "name", ["raw-beat", "repaired-beat", "alert", "dead-letter", "truth", "event"]
+)
 def test_every_v1_schema_is_open_to_added_fields(name):
     schema = load("truth-beat" if name == "truth" else name)
     jsonschema.Draft202012Validator.check_schema(schema)
