@@ -287,6 +287,15 @@ class PatientRhythm:
         self._open("signal_loss", self._previous(), 1.0, detail, beats=0)
         return self.events
 
+    def close_all(self, reason: str) -> list[Event]:
+        """Close every open episode at its last beat (the device was reset: what follows
+        is a new recording); `reason` goes into each close's detail as `closed_by`."""
+        self.events = []
+        for name in list(self.open):
+            self.open[name].detail["closed_by"] = reason
+            self._close(name, self.open[name].end_time)
+        return self.events
+
     def _previous(self) -> Beat:
         return Beat(self.last_seq, self.last_time, self.last_label)
 
@@ -464,7 +473,7 @@ class PatientRhythm:
 
     def _episode(self, name: str, first: Beat, confidence: float, detail: dict) -> Episode:
         return Episode(
-            f"{self.patient_id}/{name}/{first.seq}",
+            f"{self.patient_id}/{name}/{round(first.time * 1000)}",  # seqs restart on resets
             name,
             first.time,
             first.time,

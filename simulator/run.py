@@ -15,6 +15,7 @@ import heapq
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,8 +59,11 @@ def data_source(cfg: Config) -> tuple[list[str], Path | None]:
     return records, D.locate_database("mitdb", cfg.data.mitdb_dir, records, cfg.data.download)
 
 
-def encode(beat: SimBeat, timestamp: float, truth: bool) -> tuple[bytes, bytes | None]:
-    """(raw message, truth message or None when `truth` is off) bytes for one simulated beat."""
+def encode(
+    beat: SimBeat, timestamp: float, truth: bool, session: str | None = None
+) -> tuple[bytes, bytes | None]:
+    """(raw message, truth message or None when `truth` is off) bytes for one simulated beat.
+    `session`: the run's device session id (a new run is a device reset for every patient)."""
     source = {"record": beat.record, "beat_index": beat.beat_index, "lead": "MLII"}
     raw = messages.dumps(
         messages.raw_beat(
@@ -70,6 +74,7 @@ def encode(beat: SimBeat, timestamp: float, truth: bool) -> tuple[bytes, bytes |
             beat.missing,
             sent_at=time.time(),
             source=source,
+            session=session,
         )
     )
     if not truth:
@@ -113,6 +118,7 @@ def simulate(
     gc.freeze()
     started = time.monotonic()
     epoch = time.time()  # the patients' clocks start now and run in record time
+    session = f"sim-{uuid.uuid4().hex[:12]}"  # each run is a fresh boot of every device
     last_ts: dict[int, float] = {}
     emitted = 0
     log.info(
@@ -135,7 +141,7 @@ def simulate(
         beat = dropout.apply(patient, index, rr_s)
         timestamp = max(epoch + due, last_ts.get(i, 0.0) + 1e-6)
         last_ts[i] = timestamp
-        raw, truth = encode(beat, timestamp, sim.truth)
+        raw, truth = encode(beat, timestamp, sim.truth, session)
         key = beat.patient_id.encode()
         if beat.lost:
             result.skipped += 1

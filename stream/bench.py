@@ -138,6 +138,9 @@ class PassThrough:
     def submit(self, batch: Prepared) -> Future:
         return resolved(None)
 
+    def evict_idle(self) -> Output:
+        return Output()
+
     def complete(self, batch: Prepared, result: None) -> Output:
         return batch.out
 

@@ -125,6 +125,9 @@ class WorkerConfig:
     alert_classes: list[str] = field(default_factory=lambda: ["S", "V", "F", "Q"])
     min_alert_probability: float = 0.5
     snapshot_interval_s: float = 10.0  # patient time between rhythm snapshots when idle
+    max_patients: int = 8000  # per worker; above it the least recently seen is evicted
+    patient_idle_s: float = 3600.0  # a patient with no beat for this long is forgotten
+    max_clock_lead_s: float = 86400.0  # a timestamp further ahead of the worker's clock: DLQ
 
 
 @dataclass
@@ -190,6 +193,9 @@ RANGES = [
     ("worker.max_message_bytes", 1024, 100000000),
     ("worker.min_alert_probability", 0, 1),
     ("worker.snapshot_interval_s", 0.1, 86400),
+    ("worker.max_patients", 1, 10**8),
+    ("worker.patient_idle_s", 1, 10**8),
+    ("worker.max_clock_lead_s", 1, 10**10),
     ("metrics.port", 0, 65535),
     ("evaluator.metrics_port", 0, 65535),
     ("simulator.metrics_port", 0, 65535),

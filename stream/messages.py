@@ -67,6 +67,7 @@ class RawBeat:
     samples: np.ndarray  # float64, 0.0 where missing
     missing: np.ndarray  # bool
     raw_values: list  # the samples exactly as received (for bit-identical pass-through)
+    session: str | None = None  # the device's boot/session id, when it sends one
 
 
 def _require(cond: bool, reason: str, detail: str, *args) -> None:
@@ -154,8 +155,14 @@ def decode_raw(value: bytes | None, key: bytes | None, max_bytes: int) -> RawBea
         len(values),
         MAX_SAMPLES,
     )
+    session = msg.get("session")
+    _require(
+        session is None or (isinstance(session, str) and bool(PATIENT_ID.match(session))),
+        "wrong_type",
+        "session must be 1-64 characters of A-Z a-z 0-9 . _ : -",
+    )
     samples, missing = _samples(values)
-    return RawBeat(patient, seq, float(timestamp), sent_at, samples, missing, values)
+    return RawBeat(patient, seq, float(timestamp), sent_at, samples, missing, values, session)
 
 
 SAMPLE_TYPES = frozenset({float, int, type(None)})  # exact types: bool is not a sample
@@ -197,6 +204,7 @@ def raw_beat(
     missing,
     sent_at=None,
     source: dict | None = None,
+    session: str | None = None,
 ) -> dict:
     """A raw-beat message: samples with the missing ones as null."""
     rounded = np.round(np.asarray(samples, np.float64), SAMPLE_DECIMALS).tolist()
@@ -211,6 +219,8 @@ def raw_beat(
     }
     if sent_at is not None:
         msg["sent_at"] = float(sent_at)
+    if session is not None:
+        msg["session"] = session
     if source:
         msg["source"] = source
     return msg

@@ -163,6 +163,17 @@ class WorkerMetrics:
             "denominator of alerts and events per patient-hour",
             registry=r,
         )
+        self.evicted = Counter(
+            "ecg_patients_evicted_total",
+            "Patients forgotten: idle (worker.patient_idle_s) or over worker.max_patients",
+            ["reason"],
+            registry=r,
+        )
+        self.device_resets = Counter(
+            "ecg_device_resets_total",
+            "Device resets recognised (new session id, or seq numbering restarted)",
+            registry=r,
+        )
         self.rhythm_restored = Counter(
             "ecg_rhythm_patients_restored_total",
             "Patients whose rhythm-stage state was restored from the changelog on assignment",

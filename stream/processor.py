@@ -39,7 +39,8 @@ class Output:
     """Everything one batch produces, in publish order, and the offsets it completes."""
 
     messages: list[tuple[str, bytes | None, bytes]] = field(default_factory=list)
-    state: list[tuple[int, bytes, bytes]] = field(default_factory=list)  # changelog records
+    # changelog records (partition, key, value; None = a tombstone)
+    state: list[tuple[int, bytes, bytes | None]] = field(default_factory=list)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # next offset to read
     sent_at: list[float] = field(default_factory=list)  # source publish time of each beat
     counts: Counter = field(default_factory=Counter)  # counter -> increment, once published
@@ -62,6 +63,7 @@ class Prepared:
     accepted: list[_Accepted]
     model_batch: ModelBatch | None  # every accepted beat (None: nothing accepted)
     first_offsets: dict[tuple[str, int], int]  # (topic, partition) -> first offset in the batch
+    evicted: list[tuple[int, str, str]] = field(default_factory=list)  # (partition, id, why)
 
 
 def batch_offsets(records) -> tuple[dict, dict]:
@@ -97,7 +99,7 @@ class Processor:
         self.engine = engine
         self.metrics = metrics
         self.worker_id = worker_id
-        self.registry = PatientRegistry()
+        self.registry = PatientRegistry(cfg.worker.max_patients, cfg.worker.patient_idle_s)
         self.rhythm = RhythmStage(cfg, metrics, engine.version, worker_id)
         self.beat_alerts = frozenset(cfg.worker.beat_alerts)
         metrics.model_info.labels(engine.version, f"{engine.threshold:.6g}").set(1)
@@ -134,8 +136,22 @@ class Processor:
             )
             if len(recoverable):
                 self.metrics.batch_size.observe(len(recoverable))
+        evicted = self.registry.evict()
         self.metrics.patients.set(self.registry.patient_count())
-        return Prepared(out, accepted, model_batch, first)
+        return Prepared(out, accepted, model_batch, first, evicted)
+
+    def evict_idle(self) -> Output:
+        """Forget patients idle for worker.patient_idle_s (between batches); the output
+        carries their changelog tombstones."""
+        out = Output()
+        self._forget(self.registry.evict(), out)
+        self.metrics.patients.set(self.registry.patient_count())
+        return out
+
+    def _forget(self, evicted, out: Output) -> None:
+        for partition, patient_id, reason in evicted:
+            out.counts[self.metrics.evicted.labels(reason)] += 1
+            self.rhythm.forget(partition, patient_id, out)
 
     def submit(self, batch: Prepared) -> Future:
         """Hand a prepared batch to the model: templates (every accepted beat joins its
@@ -159,6 +175,7 @@ class Processor:
         reach the rhythm stage in order. Its counts go into `Output.counts`, for the worker
         to add once the batch is published."""
         out = batch.out
+        self._forget(batch.evicted, out)
         row = 0
         if result is not None:  # Python floats once per batch, not numpy scalars per beat
             probabilities, scores = result.probabilities.tolist(), result.anomaly_score.tolist()
@@ -175,6 +192,8 @@ class Processor:
             out.messages.append(self._message(a, recovered, alerts, out.counts))
             for kind, detail in alerts:
                 self._alert(out, kind, a.beat, detail)
+            if a.admitted.reset:
+                self.rhythm.reset(a.record.partition, a.beat.patient_id, out)
             self.rhythm.observe(a.record.partition, a.beat.patient_id, beat, out)
             out.sent_at.append(a.beat.sent_at or a.beat.timestamp)
         self.rhythm.snapshots(out)
@@ -183,7 +202,16 @@ class Processor:
     def _admit(self, rec, out: Output) -> _Accepted:
         w = self.cfg.worker
         beat = messages.decode_raw(rec.value, rec.key, w.max_message_bytes)
+        lead = beat.timestamp - time.time()
+        if lead > w.max_clock_lead_s:  # checked before the patient's state sees it
+            raise InvalidMessage(
+                "bad_timestamp",
+                f"timestamp {beat.timestamp} is {lead:.0f} s ahead of the worker's clock "
+                f"(worker.max_clock_lead_s = {w.max_clock_lead_s:g})",
+            )
         admitted = self.registry.admit(rec.partition, beat)
+        if admitted.reset:
+            out.counts[self.metrics.device_resets] += 1
         self.rhythm.arrival(rec.partition, beat.patient_id)
         lost = admitted.lost
         if lost > 0:
@@ -225,6 +253,7 @@ class Processor:
             "missing_fraction": round(n_missing / len(beat.samples), 6),
             "rr_interval_s": _rounded(a.admitted.rr_s, 4),
             "heart_rate_bpm": _rounded(a.admitted.heart_rate_bpm, 1),
+            "device_reset": a.admitted.reset,
             "model_version": self.engine.version,
             "worker_id": self.worker_id,
             "received_partition": a.record.partition,

@@ -67,6 +67,25 @@ class RhythmStage:
             out.counts[self.metrics.patient_seconds] += max(0.0, beat.time - previous_time)
         self.touched.add((partition, patient_id))
 
+    def reset(self, partition: int, patient_id: str, out) -> None:
+        """A device reset: close the patient's open episodes and start it afresh."""
+        patients = self.partitions.setdefault(partition, {})
+        old = patients.get(patient_id)
+        if old is not None:
+            self._publish(old, old.close_all("device_reset"), out)
+        patients[patient_id] = PatientRhythm(patient_id, self.cfg.episodes)
+        self.touched.add((partition, patient_id))
+
+    def forget(self, partition: int, patient_id: str, out) -> None:
+        """An evicted patient: drop its state here and in the changelog (a tombstone)."""
+        rhythm = self.partitions.get(partition, {}).pop(patient_id, None)
+        if rhythm is not None:
+            self._gauge_open(rhythm, -1)
+        self.arrived.pop((partition, patient_id), None)
+        self.snapshot_at.pop(patient_id, None)
+        self.touched.discard((partition, patient_id))
+        out.state.append((partition, patient_id.encode(), None))
+
     def snapshots(self, out) -> None:
         """Changelog records of the patients changed since the last call (see the module)."""
         every = self.cfg.worker.snapshot_interval_s

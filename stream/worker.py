@@ -130,7 +130,7 @@ class Worker:
                     self.finish_batch()
                 if max_batches and self.batches >= max_batches:
                     break
-                self.sweep_silent()
+                self.housekeeping()
         finally:
             self.close()
 
@@ -409,13 +409,14 @@ class Worker:
         if patients:
             log.info("partition %d: rhythm state of %d patients restored", partition, patients)
 
-    def sweep_silent(self) -> None:
-        """Publish signal-loss events of patients gone silent (at most once a second)."""
+    def housekeeping(self) -> None:
+        """At most once a second: forget idle patients, and publish the signal-loss events
+        of patients gone silent."""
         now = time.monotonic()
         if now < self.sweep_at:
             return
         self.sweep_at = now + HEALTH_CHECK_S
-        output = Output()
+        output = self.processor.evict_idle()
         self.processor.rhythm.sweep(output)
         if (output.messages or output.state) and self.publish(output):
             for counter, amount in output.counts.items():

@@ -50,7 +50,8 @@ def test_ventricular_tachycardia_opens_at_the_third_fast_v_and_closes_at_the_nex
         ("close", "ventricular_tachycardia"),
     ]
     opened, closed = (e.episode for e in events)
-    assert opened.episode_id == closed.episode_id == "p1/ventricular_tachycardia/3"
+    # patient/type/start time in ms: seq 3 at 100 + 3 x 0.4 s
+    assert opened.episode_id == closed.episode_id == "p1/ventricular_tachycardia/101200"
     assert (opened.first_seq, opened.last_seq, opened.beats) == (3, 5, 3)
     assert (closed.last_seq, closed.beats) == (12, 10)
     assert closed.end_time == pytest.approx(100 + 12 * 0.4)
@@ -235,3 +236,12 @@ def test_an_unreadable_changelog_record_is_skipped_not_fatal():
     ]
     assert stage.restore(0, records) == 1
     assert stage.partitions[0]["p1"].last_seq == 3
+
+
+def test_a_device_reset_closes_what_was_open():
+    rhythm = PatientRhythm("p1", EpisodeConfig())
+    feed(rhythm, "NNN" + "V" * 5, rr=0.4)
+    events = rhythm.close_all("device_reset")
+    assert kinds(events) == [("close", "ventricular_tachycardia")]
+    assert events[0].episode.detail == {"closed_by": "device_reset"}
+    assert rhythm.open == {}

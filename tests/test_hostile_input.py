@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -68,6 +69,8 @@ BAD = [
     ("negative seq", b"p1", enc(good(seq=-1)), "bad_seq"),
     ("bad patient id", b"p 1", enc(good(patient="p 1")), "bad_patient_id"),
     ("key does not match", b"p2", enc(good()), "key_mismatch"),
+    ("session is a number", b"p1", enc(good(session=5)), "wrong_type"),
+    ("session with spaces", b"p1", enc(good(session="boot 2")), "wrong_type"),
 ]
 # Stateful cases for patient "p9": a good beat, then a duplicate seq, then time going back.
 STATEFUL = [
@@ -75,6 +78,17 @@ STATEFUL = [
     ("duplicate seq", b"p9", enc(good("p9", seq=5, ts=2001.0)), "duplicate_seq"),
     ("timestamp goes back", b"p9", enc(good("p9", seq=6, ts=1999.0)), "non_monotonic_timestamp"),
     ("next good beat", b"p9", enc(good("p9", seq=7, ts=2002.0)), None),
+    ("far-future timestamp", b"p9", enc(good("p9", seq=8, ts=time.time() + 9e6)), "bad_timestamp"),
+    ("the next real beat", b"p9", enc(good("p9", seq=8, ts=2003.0)), None),
+    ("device reboot: seq restarts, time moves on", b"p9", enc(good("p9", seq=0, ts=2004.0)), None),
+    ("after the reboot", b"p9", enc(good("p9", seq=1, ts=2005.0)), None),
+    (
+        "a new session: seq and clock start over",
+        b"p9",
+        enc(good("p9", 0, 10.0, session="b2")),
+        None,
+    ),
+    ("same session, seq repeats", b"p9", enc(good("p9", 0, 11.0, session="b2")), "duplicate_seq"),
 ]
 
 
@@ -105,7 +119,8 @@ def test_worker_sends_every_bad_message_to_the_dlq(pipeline_config, checkpoint):
         producer.flush()
         expected_dlq = sum(c[3] is not None for c in cases)
         dlq = decode(read_topic(cfg, cfg.topics.dlq, expected=expected_dlq))
-        repaired = decode(read_topic(cfg, cfg.topics.repaired, expected=len(cases) + 2))
+        expected = len(cases) + sum(c[3] is None for c in cases)
+        repaired = decode(read_topic(cfg, cfg.topics.repaired, expected=expected))
         metrics = worker.metrics
     producer.close()
 
@@ -117,7 +132,9 @@ def test_worker_sends_every_bad_message_to_the_dlq(pipeline_config, checkpoint):
         assert letter["detail"]
     ok_seqs = sorted(m["seq"] for m in repaired if m["patient_id"] == "ok")
     assert ok_seqs == list(range(len(cases)))
-    assert sorted(m["seq"] for m in repaired if m["patient_id"] == "p9") == [5, 7]
+    p9 = [(m["seq"], m["device_reset"]) for m in repaired if m["patient_id"] == "p9"]
+    assert p9 == [(5, False), (7, False), (8, False), (0, True), (1, False), (0, True)]
+    assert metrics.device_resets._value.get() == 2
     for case in cases:
         if case[3]:
             assert metrics.dlq.labels(case[3])._value.get() >= 1
@@ -149,7 +166,11 @@ near_valid = st.fixed_dictionaries(
         "fs": st.sampled_from([125, 125.0, 360, "125", None]),
         "samples": sample_lists,
     },
-    optional={"sent_at": st.floats() | st.none(), "extra": json_values},
+    optional={
+        "sent_at": st.floats() | st.none(),
+        "session": st.sampled_from(["b1", "", 3, None]) | st.text(max_size=4),
+        "extra": json_values,
+    },
 )
 
 

@@ -1,0 +1,151 @@
+"""A worker's per-patient state: device resets, and state bounded by idle time and a cap."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stream.messages import RawBeat
+from stream.state import PatientRegistry
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def beat(patient: str, seq: int, ts: float, session: str | None = None) -> RawBeat:
+    samples = np.full(100, 0.5)
+    return RawBeat(patient, seq, ts, None, samples, np.zeros(100, bool), [], session)
+
+
+def test_a_reboot_restarts_the_sequence_and_keeps_the_template_slot():
+    registry = PatientRegistry()
+    first = [registry.admit(0, beat("p", s, 10.0 + s)) for s in range(60)]
+    again = registry.admit(0, beat("p", 1, 100.0))  # seq 1-60 again, the clock moved on
+    assert again.reset and not again.new and again.slot == first[0].slot
+    assert again.rr_s is None and again.lost == 0
+    follow = registry.admit(0, beat("p", 2, 100.8))
+    assert not follow.reset and follow.rr_s is not None
+
+
+def test_a_new_session_id_is_a_reset_even_when_the_clock_starts_over():
+    registry = PatientRegistry()
+    registry.admit(0, beat("p", 5, 2000.0, "boot1"))
+    assert registry.admit(0, beat("p", 6, 2001.0, "boot1")).reset is False
+    reset = registry.admit(0, beat("p", 0, 3.0, "boot2"))  # its clock restarted too
+    assert reset.reset
+    assert registry.admit(0, beat("p", 1, 4.0, "boot2")).reset is False
+
+
+def test_a_small_step_back_is_a_duplicate_not_a_reset():
+    import pytest
+
+    from stream.messages import InvalidMessage
+
+    registry = PatientRegistry()
+    registry.admit(0, beat("p", 500, 1000.0))
+    with pytest.raises(InvalidMessage, match="duplicate_seq"):
+        registry.admit(0, beat("p", 450, 1001.0))  # 50 back: neither far nor half
+    assert registry.admit(0, beat("p", 400, 1002.0)).reset  # RESET_SEQ_DROP = 100 back
+    with pytest.raises(InvalidMessage, match="duplicate_seq"):
+        registry.admit(0, beat("p", 400, 1003.0))  # the new numbering's own duplicate
+
+
+def test_the_least_recently_seen_patient_goes_first_over_the_cap():
+    registry = PatientRegistry(max_patients=3)
+    for i in range(3):
+        registry.admit(i % 2, beat(f"p{i}", 0, 1.0))
+    registry.admit(0, beat("p0", 1, 2.0))  # p0 is recent again
+    registry.admit(1, beat("p3", 0, 1.0))
+    assert registry.evict() == [(1, "p1", "cap")]
+    assert registry.patient_count() == 3
+    fresh = registry.admit(0, beat("p4", 0, 1.0))
+    assert fresh.new and fresh.slot == 1  # p1's slot, reused (the model is told to forget it)
+    assert registry.evict() == [(0, "p2", "cap")]
+
+
+def test_idle_patients_are_forgotten_and_come_back_fresh():
+    clock = Clock()
+    registry = PatientRegistry(idle_s=60.0, clock=clock)
+    registry.admit(0, beat("a", 10, 100.0))
+    clock.now = 30.0
+    registry.admit(0, beat("b", 0, 100.0))
+    clock.now = 70.0
+    assert registry.evict() == [(0, "a", "idle")]
+    clock.now = 95.0
+    assert registry.evict() == [(0, "b", "idle")]
+    assert registry.patient_count() == 0 and registry.seen == {}
+    back = registry.admit(0, beat("a", 11, 200.0))
+    assert back.new and back.lost == 0  # no history: nothing to compare its seq with
+
+
+def test_a_revoked_partition_leaves_the_recency_order_too():
+    registry = PatientRegistry(max_patients=10)
+    registry.admit(0, beat("a", 0, 1.0))
+    registry.admit(1, beat("b", 0, 1.0))
+    registry.drop_partitions([0])
+    assert list(registry.seen) == [(1, "b")]
+
+
+def tree_rss(pid: int) -> int:
+    """RSS of a process and its children (the worker's model process keeps the templates)."""
+    from pathlib import Path
+
+    from tests.helpers import rss_bytes
+
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return rss_bytes(pid) + sum(rss_bytes(int(c)) for c in children)
+
+
+def test_a_worker_holds_at_most_max_patients_and_forgets_idle_ones(pipeline_config, tmp_path):
+    """6,000 patients with a few beats each through a worker capped at 1,000: the memory
+    beyond the cap stays flat, evictions are counted, and idle patients are forgotten."""
+    from stream import messages
+    from stream.kafka import ensure_topics, make_producer
+    from tests.helpers import consumed, metric_sum, scrape, start_worker, stop_workers, wait_until
+
+    cfg = pipeline_config("worker.max_patients=1000", "worker.patient_idle_s=15")
+    ensure_topics(cfg.kafka, cfg.topics)
+    proc, port = start_worker(cfg, tmp_path, "w0")
+    producer = make_producer(cfg.kafka)
+    samples = [0.5 + 0.3 * np.sin(i / 9) for i in range(120)]
+
+    def send(first: int, last: int) -> None:
+        for seq in range(3):
+            for i in range(first, last):
+                msg = messages.raw_beat(f"q{i}", seq, 1000.0 + seq, samples, [False] * 120)
+                producer.send(cfg.topics.raw, key=f"q{i}".encode(), value=messages.dumps(msg))
+        producer.flush()
+
+    try:
+        from tests.helpers import wait_for_metrics
+
+        wait_for_metrics(port, proc)
+        send(0, 1000)
+        wait_until(lambda: consumed(port) >= 3000, 120, "the first 1,000 patients consumed")
+        at_cap = tree_rss(proc.pid)
+        send(1000, 6000)
+        wait_until(lambda: consumed(port) >= 18000, 240, "all 6,000 patients consumed")
+        beyond = tree_rss(proc.pid)
+        samples_now = scrape(port)
+        wait_until(
+            lambda: metric_sum(scrape(port), "ecg_patients_tracked") == 0,
+            90,
+            "idle patients forgotten after worker.patient_idle_s",
+        )
+        idle = scrape(port)
+    finally:
+        producer.close()
+        stop_workers([(proc, port)])
+
+    growth_mb_per_1000 = (beyond - at_cap) / 2**20 / 5
+    print(f"RSS at the cap {at_cap / 2**20:.0f} MB, +{growth_mb_per_1000:.1f} MB per 1,000 beyond")
+    assert growth_mb_per_1000 < 10
+    assert samples_now["ecg_patients_tracked"] <= 1000
+    assert samples_now["ecg_patients_evicted_total{reason=cap}"] >= 5000
+    # Beats go out a seq at a time over all patients, so a patient evicted at the cap comes
+    # back fresh with its next beat: more evictions than patients.
+    assert idle["ecg_patients_evicted_total{reason=idle}"] >= 1000
