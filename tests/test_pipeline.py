@@ -102,7 +102,12 @@ def test_simulator_to_two_workers(pipeline_config, checkpoint, tmp_path, mixed_d
         assert result.sent >= 5000 and len(result.patients) >= 8 and result.skipped > 0
         assert result.acked == result.sent
         repaired_records = read_topic(cfg, cfg.topics.repaired, expected=result.sent, timeout_s=120)
-        time.sleep(1.0)  # let the last metrics settle
+        wait_until(  # counters move once a batch is published, a moment after its records land
+            lambda: sum(metric_sum(scrape(p), "ecg_beats_produced_total") for _, p in procs)
+            >= len(repaired_records),
+            30,
+            "the workers' counters catch up with the repaired topic",
+        )
         samples = [scrape(port) for _, port in procs]
     finally:
         stop_workers(procs)

@@ -27,6 +27,7 @@ from stream.kafka import ensure_topics
 from tests.conftest import require, unique_topics_config
 from tests.helpers import (
     TopicFollower,
+    consumed,
     metric_sum,
     rss_bytes,
     run_simulator,
@@ -36,6 +37,7 @@ from tests.helpers import (
     try_scrape,
     wait_for_metrics,
     wait_for_stable_group,
+    wait_until,
     write_config,
 )
 
@@ -413,9 +415,9 @@ def test_sigterm_finishes_the_batch_and_commits(pipeline_config, checkpoint, tmp
             # session expiry path re-elects). Real Kafka handles it; here each SIGTERM waits
             # until the group is stable again.
             wait_for_stable_group(cfg.kafka.partitions, [port for _, port in workers.values()])
-            time.sleep(2.0)
             proc, port = workers[name]
-            busy = metric_sum(scrape(port), "ecg_messages_consumed_total")
+            wait_until(lambda p=port: consumed(p) > 0, 60, f"{name} under load before its SIGTERM")
+            busy = consumed(port)
             asked = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=30)
@@ -424,10 +426,9 @@ def test_sigterm_finishes_the_batch_and_commits(pipeline_config, checkpoint, tmp
         result = joined(sim_thread, sim, timeout_s=180)
         raw = raw_keys(cfg, result.sent)
         out = repaired_or_dead(cfg, raw, timeout_s=180)
-        after = {
-            n: metric_sum(scrape(port), "ecg_messages_consumed_total")
-            for n, (_, port) in workers.items()
-        }
+        for proc, port in workers.values():  # a restarted worker may still be loading
+            wait_for_metrics(port, proc)
+        after = {n: consumed(port) for n, (_, port) in workers.items()}
     finally:
         stop_all([proc for proc, _ in workers.values()])
 
