@@ -102,8 +102,10 @@ def test_simulator_to_two_workers(pipeline_config, checkpoint, tmp_path, mixed_d
         assert result.acked == result.sent
         repaired_records = read_topic(cfg, cfg.topics.repaired, expected=result.sent, timeout_s=120)
         wait_until(  # counters move once a batch is published, a moment after its records land
-            lambda: sum(metric_sum(scrape(p), "ecg_beats_produced_total") for _, p in procs)
-            >= len(repaired_records),
+            lambda: (
+                sum(metric_sum(scrape(p), "ecg_beats_produced_total") for _, p in procs)
+                >= len(repaired_records)
+            ),
             30,
             "the workers' counters catch up with the repaired topic",
         )
