@@ -141,6 +141,9 @@ class PassThrough:
     def evict_idle(self) -> Output:
         return Output()
 
+    def warm_up(self, records) -> int:
+        return 0
+
     def complete(self, batch: Prepared, result: None) -> Output:
         return batch.out
 

@@ -128,6 +128,7 @@ class WorkerConfig:
     max_patients: int = 8000  # per worker; above it the least recently seen is evicted
     patient_idle_s: float = 3600.0  # a patient with no beat for this long is forgotten
     max_clock_lead_s: float = 86400.0  # a timestamp further ahead of the worker's clock: DLQ
+    warmup_records: int = 5000  # raw records before a new partition's start re-read (0: off)
 
 
 @dataclass
@@ -196,6 +197,7 @@ RANGES = [
     ("worker.max_patients", 1, 10**8),
     ("worker.patient_idle_s", 1, 10**8),
     ("worker.max_clock_lead_s", 1, 10**10),
+    ("worker.warmup_records", 0, 10**7),
     ("metrics.port", 0, 65535),
     ("evaluator.metrics_port", 0, 65535),
     ("simulator.metrics_port", 0, 65535),

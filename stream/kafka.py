@@ -196,6 +196,24 @@ def read_to_end(consumer: KafkaConsumer, tp: TopicPartition, timeout_s: float) -
             raise ReadTimeout(f"{tp.topic}[{tp.partition}] not read to its end in {timeout_s} s")
 
 
+def read_range(consumer: KafkaConsumer, tp: TopicPartition, start: int, end: int, timeout_s):
+    """The records of one partition with start <= offset < end (fewer if some are gone).
+    Raises ReadTimeout after timeout_s."""
+    consumer.assign([tp])
+    consumer.seek(tp, max(0, start))
+    records: list = []
+    deadline = time.monotonic() + timeout_s
+    while consumer.position(tp) < end:
+        for batch in consumer.poll(timeout_ms=100, max_records=10000).values():
+            records.extend(r for r in batch if r.offset < end)
+        high = consumer.highwater(tp)
+        if high is not None and consumer.position(tp) >= high:
+            break  # nothing more there (end was beyond the partition's end)
+        if time.monotonic() > deadline:
+            raise ReadTimeout(f"{tp.topic}[{tp.partition}] not read up to {end} in {timeout_s} s")
+    return records
+
+
 def assign_all(consumer: KafkaConsumer, topic: str, from_beginning: bool = True) -> None:
     """Read every partition of a topic without joining a group (subscribers, tests)."""
     parts = consumer.partitions_for_topic(topic) or set()

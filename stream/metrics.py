@@ -179,6 +179,17 @@ class WorkerMetrics:
             "Patients whose rhythm-stage state was restored from the changelog on assignment",
             registry=r,
         )
+        self.warmup_beats = Counter(
+            "ecg_warmup_beats_total",
+            "Raw beats re-read on assignment to rebuild templates and RR history (not published)",
+            registry=r,
+        )
+        self.warmup_seconds = Histogram(
+            "ecg_warmup_seconds",
+            "Re-reading a newly assigned partition's recent raw beats",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.rhythm_restore_seconds = Histogram(
             "ecg_rhythm_restore_seconds",
             "Reading a partition's rhythm changelog on assignment",

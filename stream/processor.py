@@ -153,6 +153,35 @@ class Processor:
             out.counts[self.metrics.evicted.labels(reason)] += 1
             self.rhythm.forget(partition, patient_id, out)
 
+    def warm_up(self, records) -> int:
+        """Rebuild patients' history from raw records that come before a newly assigned
+        partition's start (already published by its previous owner): their sequence, RR and
+        templates, as if this worker had seen them. Nothing is published or counted; the
+        model advances the templates only (no pass), ahead of the batches that follow."""
+        w = self.cfg.worker
+        accepted = []
+        for rec in records:
+            try:
+                beat = messages.decode_raw(rec.value, rec.key, w.max_message_bytes)
+                accepted.append((beat, self.registry.admit(rec.partition, beat)))
+            except InvalidMessage:
+                continue  # it went to the DLQ the first time
+        if accepted:
+            beats, missing, lengths = pad([b for b, _ in accepted], BEAT_LEN)
+            self.engine.submit(
+                ModelBatch(
+                    slots=np.array([a.slot for _, a in accepted]),
+                    fresh=[a.slot for _, a in accepted if a.new],
+                    beats=beats,
+                    missing=missing,
+                    lengths=lengths,
+                    recoverable=np.zeros(0, int),
+                    rhythm=np.array([a.rhythm for _, a in accepted]),
+                )
+            )
+        self.metrics.patients.set(self.registry.patient_count())
+        return len(accepted)
+
     def submit(self, batch: Prepared) -> Future:
         """Hand a prepared batch to the model: templates (every accepted beat joins its
         patient's history) and one pass over the recoverable beats. The future gives the

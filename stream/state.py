@@ -2,7 +2,8 @@
 
 A patient's beats all land in one partition, so the state is grouped by partition: when a
 rebalance takes a partition away, its patients' state is dropped, and the next owner rebuilds
-it from the beats that follow (counted in `ecg_state_resets_total`). A patient's state is its
+it from the partition's recent raw beats before it goes on (`Worker.warm_up`; counted in
+`ecg_state_resets_total`). A patient's state is its
 sequence and clock, its device session, its template slot and its rhythm
 (`models.rhythm.RhythmState`: the previous R-peak time and the recent RR intervals).
 

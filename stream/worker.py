@@ -51,7 +51,7 @@ from kafka.errors import (
 )
 
 from stream.config import Config
-from stream.kafka import make_consumer, make_producer, partition_lag, read_to_end
+from stream.kafka import make_consumer, make_producer, partition_lag, read_range, read_to_end
 from stream.metrics import WorkerMetrics
 from stream.processor import Output, Prepared, Processor
 
@@ -347,8 +347,8 @@ class Worker:
         self.unaligned = set(partitions)  # checked by the main loop (no blocking calls here)
         self.metrics.partitions.set(len(self.consumer.assignment()))
         log.info(
-            "partitions assigned: %s (rhythm state is restored from the changelog, templates "
-            "are rebuilt from the next beats)",
+            "partitions assigned: %s (rhythm state comes from the changelog, templates and RR "
+            "from the recent raw beats)",
             sorted(tp.partition for tp in partitions),
         )
 
@@ -383,6 +383,7 @@ class Worker:
                     )
                     self._hold_back(tp, committed)
                 self.restore_rhythm(tp.partition)
+                self.warm_up(tp, max(committed or 0, position or 0))
             except KafkaError as exc:
                 log.warning("cannot prepare %s (%s); retrying after the next poll", tp, exc)
                 self._hold_back(tp)
@@ -408,6 +409,20 @@ class Worker:
         self.metrics.rhythm_restore_seconds.observe(time.perf_counter() - started)
         if patients:
             log.info("partition %d: rhythm state of %d patients restored", partition, patients)
+
+    def warm_up(self, tp: TopicPartition, start: int) -> None:
+        """Rebuild the partition's patients' templates and RR history from the raw records
+        just before `start` (`Processor.warm_up`), so that moved patients are not served
+        cold. Bounded by worker.warmup_records, well inside max_poll_interval_ms."""
+        count = self.cfg.worker.warmup_records
+        if not count or start <= 0:
+            return
+        started = time.perf_counter()
+        records = read_range(self.state_reader, tp, start - count, start, ACK_WAIT_S * 6)
+        beats = self.processor.warm_up(records)
+        self.metrics.warmup_beats.inc(beats)
+        self.metrics.warmup_seconds.observe(time.perf_counter() - started)
+        log.info("partition %d: %d earlier beats re-read to warm its patients", tp.partition, beats)
 
     def housekeeping(self) -> None:
         """At most once a second: forget idle patients, and publish the signal-loss events

@@ -6,6 +6,7 @@ import numpy as np
 
 from stream.messages import RawBeat
 from stream.state import PatientRegistry
+from tests.helpers import metric_sum, scrape
 
 
 class Clock:
@@ -105,7 +106,7 @@ def test_a_worker_holds_at_most_max_patients_and_forgets_idle_ones(pipeline_conf
     beyond the cap stays flat, evictions are counted, and idle patients are forgotten."""
     from stream import messages
     from stream.kafka import ensure_topics, make_producer
-    from tests.helpers import consumed, metric_sum, scrape, start_worker, stop_workers, wait_until
+    from tests.helpers import consumed, start_worker, stop_workers, wait_until
 
     cfg = pipeline_config("worker.max_patients=1000", "worker.patient_idle_s=15")
     ensure_topics(cfg.kafka, cfg.topics)
@@ -149,3 +150,84 @@ def test_a_worker_holds_at_most_max_patients_and_forgets_idle_ones(pipeline_conf
     # Beats go out a seq at a time over all patients, so a patient evicted at the cap comes
     # back fresh with its next beat: more evictions than patients.
     assert idle["ecg_patients_evicted_total{reason=idle}"] >= 1000
+
+
+def test_patients_moved_to_a_new_worker_are_not_served_cold(pipeline_config, tmp_path):
+    """kill -9 the only worker mid-stream; its replacement re-reads the partitions' recent raw
+    beats first (worker.warmup_records), so the moved patients' next 40 repairs are as good
+    as the steady state, against the truth topic, and their RR is known at once."""
+    import signal
+
+    from stream.kafka import ensure_topics
+    from tests.helpers import (
+        consumed,
+        decode,
+        read_topic,
+        run_simulator,
+        start_worker,
+        stop_workers,
+        wait_for_metrics,
+        wait_until,
+    )
+    from tests.test_reliability import in_thread, joined
+
+    cfg = pipeline_config(
+        "simulator.patients=24",
+        "simulator.rate=300",
+        "simulator.beats=6000",
+        "simulator.truth=true",
+        "simulator.seed=5",
+        "simulator.dropout.gap_prob=0.6",
+        "simulator.dropout.lost_beat_prob=0",
+    )
+    ensure_topics(cfg.kafka, cfg.topics)
+    first, port = start_worker(cfg, tmp_path, "w0")
+    replacement = None
+    try:
+        wait_for_metrics(port, first)
+        sim_thread, sim = in_thread(run_simulator, cfg)
+        wait_until(lambda: consumed(port) >= 24 * 80, 120, "80 beats per patient before the kill")
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+        replacement = start_worker(cfg, tmp_path, "w1")
+        wait_for_metrics(replacement[1], replacement[0])
+        result = joined(sim_thread, sim, timeout_s=120)
+        repaired = decode(read_topic(cfg, cfg.topics.repaired, expected=result.sent))
+        truth = {(m["patient_id"], m["seq"]): m for m in decode(read_topic(cfg, cfg.topics.truth))}
+        after_restart = scrape(replacement[1])
+        warmed = metric_sum(after_restart, "ecg_warmup_beats_total")
+    finally:
+        stop_workers([(first, port)] + ([replacement] if replacement else []))
+
+    by_patient: dict[str, list[dict]] = {}
+    for m in sorted(repaired, key=lambda m: (m["patient_id"], m["seq"], m["worker_id"])):
+        seen = by_patient.setdefault(m["patient_id"], [])
+        if not seen or seen[-1]["seq"] != m["seq"]:
+            seen.append(m)  # the first copy of each beat (w0's, where both published it)
+    steady, moved, rr_known = [], [], []
+    for beats in by_patient.values():
+        after = [m for m in beats if m["worker_id"] == "w1"]
+        steady += [m for m in beats if m["worker_id"] == "w0" and m["seq"] >= 40]
+        moved += after[:40]
+        rr_known.append(after[0]["rr_interval_s"] is not None)
+
+    def rmse(beats) -> float:
+        errors = []
+        for m in beats:
+            mask = np.asarray(m["imputed_mask"], bool)
+            if m["status"] == "repaired" and mask.any():
+                true = np.asarray(truth[(m["patient_id"], m["seq"])]["samples"], float)
+                errors.append((np.asarray(m["samples"], float)[mask] - true[mask]) ** 2)
+        return float(np.sqrt(np.concatenate(errors).mean()))
+
+    ratio = rmse(moved) / rmse(steady)
+    per_partition = (
+        after_restart["ecg_warmup_seconds_sum"] / after_restart["ecg_warmup_seconds_count"]
+    )
+    print(
+        f"warm-up {warmed:.0f} beats, {per_partition:.2f} s per partition; moved patients' "
+        f"next 40 beats RMSE {ratio:.3f}x steady"
+    )
+    assert warmed > 0 and len(moved) >= 20 * 40
+    assert all(rr_known), "a moved patient's first beat had no RR"
+    assert ratio <= 1.10
