@@ -383,12 +383,21 @@ class Worker:
                     )
                     self._hold_back(tp, committed)
                 self.restore_rhythm(tp.partition)
-                self.warm_up(tp, max(committed or 0, position or 0))
+                self.warm_up(tp, self._next_offset(tp, committed, position))
             except KafkaError as exc:
                 log.warning("cannot prepare %s (%s); retrying after the next poll", tp, exc)
                 self._hold_back(tp)
                 continue
             self.unaligned.discard(tp)
+
+    def _next_offset(self, tp: TopicPartition, committed, position) -> int:
+        """The offset of the partition's next record to be processed: the first one already
+        polled (pending), else the consumer's position, never below the committed offset."""
+        polled = [
+            r.offset for r in self.pending if (r.topic, r.partition) == (tp.topic, tp.partition)
+        ]
+        start = min(polled) if polled else position or 0
+        return max(start, committed or 0)
 
     def _hold_back(self, tp: TopicPartition, offset: int | None = None) -> None:
         """Drop the polled records of a partition and seek to `offset` (default: the first

@@ -214,13 +214,17 @@ def test_a_member_that_missed_generations_skips_to_the_committed_offset():
     kept = SimpleNamespace(topic="t", partition=1, offset=69)
     worker.pending = [SimpleNamespace(topic="t", partition=0, offset=59), kept]
     worker.unaligned = {behind, ahead, failing}
-    restored = []
+    restored, warmed = [], []
     worker.restore_rhythm = restored.append  # the changelog read, after the position check
+    worker.warm_up = lambda tp, start: warmed.append((tp.partition, start))
     worker.align_positions()
     assert seeks == [(behind, 100)]
     assert worker.pending == [kept]
     assert worker.unaligned == {failing}  # checked again after the next poll
     assert sorted(restored) == [0, 1]
+    # The warm-up re-reads what comes before the next record to process: the committed
+    # offset where the worker skipped ahead, the first polled record (not the position).
+    assert sorted(warmed) == [(0, 100), (1, 69)]
 
 
 def test_revoked_partitions_drop_unpublished_records_and_rewind():
