@@ -136,10 +136,10 @@ class Episode:
     def heart_rate_bpm(self) -> float | None:
         return 60.0 * self.rr_count / self.rr_sum if self.rr_count and self.rr_sum > 0 else None
 
-    def add(self, beat: Beat, rr: float | None, first: bool = False) -> None:
+    def add(self, beat: Beat, rr: float | None) -> None:
         self.last_seq, self.end_time = beat.seq, beat.time
         self.beats += 1
-        if rr is not None and not first:
+        if rr is not None:
             self.rr_sum += rr
             self.rr_count += 1
 

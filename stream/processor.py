@@ -78,6 +78,20 @@ def batch_offsets(records) -> tuple[dict, dict]:
     return after, first
 
 
+def to_model_batch(beats, admitted, recoverable: np.ndarray) -> ModelBatch:
+    """The model's batch of admitted beats (`recoverable`: the rows it repairs)."""
+    samples, missing, lengths = pad(list(beats), BEAT_LEN)
+    return ModelBatch(
+        slots=np.array([a.slot for a in admitted]),
+        fresh=[a.slot for a in admitted if a.new],
+        beats=samples,
+        missing=missing,
+        lengths=lengths,
+        recoverable=recoverable,
+        rhythm=np.array([a.rhythm for a in admitted]),
+    )
+
+
 def _rounded(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
 
@@ -123,16 +137,9 @@ class Processor:
                 self._dead_letter(rec, bad, out)
         model_batch = None
         if accepted:
-            beats, missing, lengths = pad([a.beat for a in accepted], BEAT_LEN)
             recoverable = np.flatnonzero([not a.unrecoverable for a in accepted])
-            model_batch = ModelBatch(
-                slots=np.array([a.admitted.slot for a in accepted]),
-                fresh=[a.admitted.slot for a in accepted if a.admitted.new],
-                beats=beats,
-                missing=missing,
-                lengths=lengths,
-                recoverable=recoverable,
-                rhythm=np.array([a.admitted.rhythm for a in accepted]),
+            model_batch = to_model_batch(
+                [a.beat for a in accepted], [a.admitted for a in accepted], recoverable
             )
             if len(recoverable):
                 self.metrics.batch_size.observe(len(recoverable))
@@ -167,18 +174,8 @@ class Processor:
             except InvalidMessage:
                 continue  # it went to the DLQ the first time
         if accepted:
-            beats, missing, lengths = pad([b for b, _ in accepted], BEAT_LEN)
-            self.engine.submit(
-                ModelBatch(
-                    slots=np.array([a.slot for _, a in accepted]),
-                    fresh=[a.slot for _, a in accepted if a.new],
-                    beats=beats,
-                    missing=missing,
-                    lengths=lengths,
-                    recoverable=np.zeros(0, int),
-                    rhythm=np.array([a.rhythm for _, a in accepted]),
-                )
-            )
+            beats, admitted = zip(*accepted)
+            self.engine.submit(to_model_batch(beats, admitted, np.zeros(0, int)))
         self.metrics.patients.set(self.registry.patient_count())
         return len(accepted)
 
