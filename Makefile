@@ -13,12 +13,19 @@ endif
 
 install: $(VENV)/.installed
 
+# torch first, from PyTorch's CPU wheel index: from PyPI, Linux gets a CUDA build (several GB).
+# A GPU build: make install TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# Where that index is unreachable, pip falls back to its configured wheel folders; two
+# retries keep that fallback quick.
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX   ?= https://download.pytorch.org/whl/cpu
+EXTRAS        ?= dev
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# Pinned: this takes the CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --retries 2 torch==$(TORCH_VERSION) --index-url $(TORCH_INDEX)
+	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
 	touch $@
 
 lint: install

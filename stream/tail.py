@@ -1,8 +1,8 @@
 """`ecg-stream tail`: follow a topic and print one line per message; optionally plot beats.
 
 A minimal reference subscriber for monitoring systems: it reads every partition without
-joining a consumer group, and de-duplicates repaired beats by (patient_id, seq) as every
-subscriber should (the pipeline delivers at least once).
+joining a consumer group, and drops redelivered copies (the pipeline delivers at least once)
+with the subscriber kit's bounded de-duplication, as every subscriber should.
 """
 
 from __future__ import annotations
@@ -15,12 +15,10 @@ import orjson
 
 from stream.config import Config
 from stream.kafka import assign_all, make_consumer
+from stream.subscriber import Deduplicator
 
-# At-least-once topics and what identifies a message on them.
-DEDUP_KEYS = {
-    "repaired": lambda msg: (msg["patient_id"], msg["seq"]),
-    "events": lambda msg: msg["event_id"],
-}
+# The topics the workers publish at least once (raw and dlq copies are shown as they are).
+DEDUPLICATED = ("repaired", "events", "alerts")
 
 
 def describe(topic_kind: str, msg: dict) -> str:
@@ -90,18 +88,15 @@ def tail(
     assign_all(consumer, topic, from_beginning)
     if plot_dir:
         Path(plot_dir).mkdir(parents=True, exist_ok=True)
-    seen: set = set()
+    recent = Deduplicator()
     count = 0
     try:
         while not stop.is_set() and (not limit or count < limit):
             for records in consumer.poll(timeout_ms=500).values():
                 for rec in records:
                     msg = orjson.loads(rec.value)
-                    if topic_kind in DEDUP_KEYS:
-                        key = DEDUP_KEYS[topic_kind](msg)
-                        if key in seen:
-                            continue
-                        seen.add(key)
+                    if topic_kind in DEDUPLICATED and recent.seen(msg):
+                        continue
                     out(rec.value.decode() if as_json else describe(topic_kind, msg))
                     if plot_dir and topic_kind == "repaired":
                         plot_beat(msg, Path(plot_dir) / f"{msg['patient_id']}-{msg['seq']}.png")

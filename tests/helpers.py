@@ -28,18 +28,27 @@ def read_topic(
     cfg: Config, topic: str, expected: int = 0, timeout_s: float = 60.0, idle_s: float = 3.0
 ) -> list:
     """Every record of a topic (all partitions, from the beginning). Stops when `expected`
-    records arrived, or nothing new came for idle_s, or at timeout_s."""
+    records arrived, or nothing new came for idle_s, or at timeout_s. Repaired beats count
+    once per (patient_id, seq): a redelivered copy must not end the wait for a beat that is
+    still being processed."""
     consumer = make_consumer(cfg.kafka, None)
     try:
         assign_all(consumer, topic)
         records, deadline, last_new = [], time.monotonic() + timeout_s, time.monotonic()
+        repaired_beats, others = set(), 0
         while time.monotonic() < deadline:
             batch = consumer.poll(timeout_ms=300)
             for recs in batch.values():
                 records.extend(recs)
+                for rec in recs:
+                    key = repaired_key(rec.value)
+                    if key is None:
+                        others += 1
+                    else:
+                        repaired_beats.add(key)
             if batch:
                 last_new = time.monotonic()
-            if expected and len(records) >= expected:
+            if expected and len(repaired_beats) + others >= expected:
                 break
             if not expected and time.monotonic() - last_new > idle_s:
                 break
@@ -48,6 +57,17 @@ def read_topic(
         return records
     finally:
         consumer.close()
+
+
+def repaired_key(value: bytes) -> tuple[str, int] | None:
+    """(patient_id, seq) of a repaired beat; None for anything else."""
+    try:
+        msg = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(msg, dict) or "imputed_mask" not in msg:
+        return None
+    return beat_key(msg)
 
 
 def decode(records) -> list[dict]:
