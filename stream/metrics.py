@@ -6,6 +6,9 @@ Each component owns a fresh CollectorRegistry so several can live in one process
 
 from __future__ import annotations
 
+import os
+import socket
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 # Per-batch inference can sit well under 5 ms, where the client's default buckets start.
@@ -27,6 +30,20 @@ LATENCY_BUCKETS = (
     30.0,
 )
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def process_info(registry: CollectorRegistry, component: str) -> Gauge:
+    """`ecg_process_info{component, process}` = 1: who exports these series, whatever job or
+    instance a scrape gives them. Rules and dashboard select components and de-duplicate
+    series scraped twice on these labels (deploy/README.md, "Scrape-independent monitoring")."""
+    info = Gauge(
+        "ecg_process_info",
+        "This process (value is always 1): component, and process = hostname-pid",
+        ["component", "process"],
+        registry=registry,
+    )
+    info.labels(component, f"{socket.gethostname()}-{os.getpid()}").set(1)
+    return info
 
 
 class KafkaHealth:
@@ -56,6 +73,7 @@ class WorkerMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
+        self.info = process_info(r, "worker")
         self.kafka = KafkaHealth(r)
         self.consumed = Counter("ecg_messages_consumed_total", "Raw messages consumed", registry=r)
         self.produced = Counter(
@@ -203,6 +221,7 @@ class EvaluatorMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
+        self.info = process_info(r, "evaluator")
         self.kafka = KafkaHealth(r)
         self.evaluated = Counter(
             "ecg_live_beats_evaluated_total",
@@ -240,6 +259,7 @@ class SimulatorMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
+        self.info = process_info(r, "simulator")
         self.kafka = KafkaHealth(r)
         self.sent = Counter("ecg_sim_beats_sent_total", "Beats handed to the producer", registry=r)
         self.acked = Counter(

@@ -48,6 +48,7 @@ def prometheus_config(tmp_path: Path, targets: dict[str, list[str]]) -> Path:
     cfg = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     cfg["global"].update(scrape_interval="1s", evaluation_interval="1s")
     cfg["rule_files"] = [str(DEPLOY / "prometheus" / "rules" / "*.yml")]
+    cfg.pop("alerting", None)  # no Alertmanager here
     jobs = []
     for job in cfg["scrape_configs"]:
         if job["job_name"] in targets:
@@ -81,8 +82,26 @@ def wait_ready(port: int, timeout_s: float = 60.0) -> None:
     raise AssertionError("Prometheus never became ready")
 
 
+def start_prometheus(binary: str, config: Path, tmp_path: Path, port: int) -> subprocess.Popen:
+    """A real Prometheus on 127.0.0.1:port, its data and log in tmp_path; returns once ready."""
+    with open(tmp_path / "prometheus.log", "wb") as log:
+        prom = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    wait_for_port(port, timeout=30)
+    wait_ready(port)
+    return prom
+
+
 def substitute(expr: str) -> str:
-    return expr.replace("$instance", ".*").replace("$__rate_interval", "1m")
+    return expr.replace("$worker", ".*").replace("$__rate_interval", "1m")
 
 
 def without_fallback(expr: str) -> str:
@@ -140,19 +159,7 @@ def test_dashboard_queries_return_data(pipeline_config, checkpoint, tmp_path):
             text=True,
         )
         assert check.returncode == 0, check.stdout + check.stderr
-        with open(tmp_path / "prometheus.log", "wb") as log:
-            prom = subprocess.Popen(
-                [
-                    prometheus,
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                    f"--web.listen-address=127.0.0.1:{prom_port}",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        wait_for_port(prom_port, timeout=30)
-        wait_ready(prom_port)
+        prom = start_prometheus(prometheus, config, tmp_path, prom_port)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             result = query(prom_port, "count(up == 1)")["data"]["result"]
