@@ -7,6 +7,7 @@ emulator for the broker-outage test). Production uses a real, replicated Kafka i
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import subprocess
@@ -42,10 +43,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float = 10.0) -> None:
-    """Block until something accepts connections on 127.0.0.1:port."""
+def require_free(port: int) -> None:
+    """BrokerError unless the port can be listened on: Tansu exits (with status 0) when its
+    port is taken, and whatever holds the port would pass for the broker."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Tansu binds
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            why = "in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise BrokerError(f"cannot listen on 127.0.0.1:{port}: {why}") from None
+
+
+def wait_for_port(port: int, timeout: float = 10.0, alive=lambda: True) -> None:
+    """Block until something accepts connections on 127.0.0.1:port, while alive()."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if not alive():
+            raise BrokerError(f"the broker exited before listening on 127.0.0.1:{port}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
@@ -75,6 +90,7 @@ class EmbeddedBroker:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> EmbeddedBroker:
+        require_free(self.port)
         url = f"tcp://127.0.0.1:{self.port}"
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
@@ -94,7 +110,7 @@ class EmbeddedBroker:
             env={**os.environ, **self.env},
         )
         try:
-            wait_for_port(self.port)
+            wait_for_port(self.port, alive=lambda: self.process.poll() is None)
         except BrokerError:
             self.stop()
             raise

@@ -1,7 +1,8 @@
 """`ecg-stream`: one command with subcommands for every part of the product.
 
-Errors that a user can fix (bad arguments, bad config, missing data, no broker) print one
-line and exit 2; they never show a traceback.
+Errors that a user can fix print one line and never a traceback: usage errors (bad
+arguments, bad config) exit 2, runtime failures (no broker, missing data or checkpoint, a
+failed model process) exit 1.
 """
 
 from __future__ import annotations
@@ -9,14 +10,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import pickletools
 import signal
 import sys
 import threading
+import zipfile
+from importlib import metadata
 from pathlib import Path
 
 from stream.config import ConfigError, as_dict, load_config
 
 log = logging.getLogger("ecg_stream")
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_CODES = """exit codes: 0 success; 1 runtime failure (Kafka unreachable, data or checkpoint
+missing, the model process died, the broker port in use); 2 usage error (bad arguments,
+bad config key or value); 130 interrupted (Ctrl-C)."""
+ONE_SHOT_KAFKA_TIMEOUT_S = 4.0  # commands that end fail this fast without a broker
+INTERRUPTED = threading.Event()  # set by Ctrl-C (SIGINT): the command exits 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,6 +50,64 @@ def at_least(minimum: float, kind=int):
     return parse
 
 
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 1-65535."""
+    value = at_least(1)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be at most 65535, got {text}")
+    return value
+
+
+def package_version() -> str:
+    """The installed distribution's version; from a source tree without one, pyproject's."""
+    try:
+        return metadata.version("ecg-stream")
+    except metadata.PackageNotFoundError:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        try:
+            return tomllib.loads(pyproject.read_text())["project"]["version"] + "+source"
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
+
+
+def checkpoint_version(path: Path) -> str | None:
+    """meta["version"] of a checkpoint, read from its pickle's opcodes without torch (an
+    import of 1-2 s) and without unpickling anything; None if it cannot be found."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+            strings = [
+                arg for _, arg, _ in pickletools.genops(archive.read(name)) if isinstance(arg, str)
+            ]
+    except (OSError, StopIteration, zipfile.BadZipFile, ValueError):
+        return None
+    after_meta = strings[strings.index("meta") + 1 :] if "meta" in strings else []
+    pairs = zip(after_meta, after_meta[1:])
+    return next((value for key, value in pairs if key == "version"), None)
+
+
+def version_line() -> str:
+    """`ecg-stream <version> (model <version of the packaged weights>)`."""
+    import models
+
+    weights = Path(models.__file__).parent / "weights" / "ecgnet-ds1.pt"
+    model = checkpoint_version(weights)
+    return f"ecg-stream {package_version()}" + (f" (model {model})" if model else "")
+
+
+class _VersionAction(argparse.Action):
+    """--version, computed only when asked for (it reads the packaged checkpoint)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used by tests to list the real subcommands)."""
     common = argparse.ArgumentParser(add_help=False)
@@ -58,11 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
 
-    parser = _Parser(prog="ecg-stream", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="ecg-stream",
+        description=__doc__.splitlines()[0],
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def add(name, help_text):
-        return sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        return sub.add_parser(
+            name,
+            parents=[common],
+            help=help_text,
+            description=help_text,
+            epilog=EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
     p = add("train", "train EcgNet on MIT-BIH (and the ECG5000 anomaly autoencoder)")
     p.add_argument("--split", choices=["inter", "intra"], help="train.split")
@@ -133,7 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="also measure this checkpoint's model-only throughput, side by side",
     )
 
-    add("broker", "run the embedded Kafka-protocol broker (Tansu) until interrupted")
+    p = add("broker", "run the embedded Kafka-protocol broker (Tansu) until interrupted")
+    p.add_argument(
+        "--port", type=port_number, help="loopback port to listen on (default: a free one)"
+    )
     add("config", "print the effective configuration as JSON")
     return parser
 
@@ -173,6 +258,8 @@ def stop_on_signals() -> threading.Event:
 
     def handler(signum, _frame):
         log.info("received %s: finishing the current batch", signal.Signals(signum).name)
+        if signum == signal.SIGINT:
+            INTERRUPTED.set()
         stop.set()
 
     signal.signal(signal.SIGTERM, handler)
@@ -183,51 +270,52 @@ def stop_on_signals() -> threading.Event:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    INTERRUPTED.clear()
+    try:
+        cfg = config_from_args(args)
+        code = COMMANDS[args.command](cfg, args) or EXIT_OK
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the user-facing boundary
+        failure = user_error(exc)
+        if failure is None:
+            raise
+        code, message = failure
+        print(f"ecg-stream {args.command}: error: {message}", file=sys.stderr)
+    return EXIT_INTERRUPTED if INTERRUPTED.is_set() else code
+
+
+def setup_logging(level: str) -> None:
+    """Our logs at `level`. kafka-python's own records (it logs every refused connection as an
+    ERROR) only with DEBUG: our code reports what matters, in one line or one warning."""
     logging.basicConfig(
-        level=args.log_level,
+        level=level,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLevelName(args.log_level)))
-    logging.getLogger("kafka.net.transport").addFilter(_quiet_closed_socket_race)
-    try:
-        cfg = config_from_args(args)
-        return COMMANDS[args.command](cfg, args) or 0
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:  # noqa: BLE001 - the user-facing boundary
-        message = user_error(exc)
-        if message is None:
-            raise
-        print(f"ecg-stream {args.command}: error: {message}", file=sys.stderr)
-        return 2
+    logging.getLogger("kafka").setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
 
 
-def _quiet_closed_socket_race(record: logging.LogRecord) -> bool:
-    """kafka-python 3.0 sometimes reads from a connection it has just closed (its socket is
-    already None) and logs the AttributeError with a traceback: a race at close that loses
-    nothing. Kept at DEBUG level, where it is still shown."""
-    message = record.getMessage()
-    if "(closed)" in message and "Error receiving network data" in message:
-        return logging.getLogger().isEnabledFor(logging.DEBUG)
-    return True
-
-
-def user_error(exc: Exception) -> str | None:
-    """A one-line message for errors a user can fix; None for bugs (keep the traceback)."""
+def user_error(exc: Exception) -> tuple[int, str] | None:
+    """(exit code, one-line message) for errors a user can fix; None for bugs (keep the
+    traceback). Config problems are usage errors; the rest are runtime failures."""
     from kafka.errors import KafkaTimeoutError
 
     from models.data import DataNotFoundError
     from stream.broker import BrokerError
+    from stream.kafka import KafkaUnreachable
     from stream.model_process import ModelProcessError
 
-    known = [ConfigError, DataNotFoundError, BrokerError, FileNotFoundError, ModelProcessError]
+    if isinstance(exc, ConfigError):
+        return EXIT_USAGE, str(exc)
+    runtime = [DataNotFoundError, BrokerError, FileNotFoundError, ModelProcessError]
     if "models.model" in sys.modules:  # only then can a CheckpointError exist (no torch import)
-        known.append(sys.modules["models.model"].CheckpointError)
-    if isinstance(exc, tuple(known)):
-        return str(exc)
+        runtime.append(sys.modules["models.model"].CheckpointError)
+    if isinstance(exc, (KafkaUnreachable, *runtime)):
+        return EXIT_RUNTIME, str(exc)
     if isinstance(exc, KafkaTimeoutError) and "bootstrap" in str(exc):
-        return f"no Kafka broker reachable ({exc})"
+        return EXIT_RUNTIME, f"no Kafka broker reachable ({exc})"
     return None
 
 
@@ -240,6 +328,15 @@ def _require_kafka(cfg) -> None:
             "kafka.bootstrap_servers is empty: pass --bootstrap-servers or set "
             "ECG_BOOTSTRAP_SERVERS (or run `ecg-stream broker` for a local one)"
         )
+
+
+def _require_reachable_kafka(cfg) -> None:
+    """For commands that end (not the services, which wait for their broker): a broker
+    must answer within seconds, else one line and exit 1."""
+    from stream.kafka import check_reachable
+
+    _require_kafka(cfg)
+    check_reachable(cfg.kafka, ONE_SHOT_KAFKA_TIMEOUT_S)
 
 
 def cmd_train(cfg, args):
@@ -350,7 +447,7 @@ def cmd_evaluate_live(cfg, args):
 def cmd_create_topics(cfg, args):
     from stream.kafka import ensure_topics
 
-    _require_kafka(cfg)
+    _require_reachable_kafka(cfg)
     created = ensure_topics(cfg.kafka, cfg.topics)
     print(f"created: {', '.join(created) or 'none (all exist)'}")
 
@@ -358,21 +455,25 @@ def cmd_create_topics(cfg, args):
 def cmd_tail(cfg, args):
     from stream.tail import tail
 
-    _require_kafka(cfg)
+    _require_reachable_kafka(cfg)
     tail(cfg, args.topic, args.from_beginning, args.limit, args.plot, args.json, stop_on_signals())
 
 
 def cmd_demo(cfg, args):
+    if cfg.kafka.bootstrap_servers:  # else the demo starts its own broker
+        _require_reachable_kafka(cfg)
     from stream.demo import run_demo
 
     run_demo(cfg, args.demo_duration, args.workers, Path(args.out), args.partitions)
 
 
 def cmd_bench(cfg, args):
-    from stream.bench import run_benchmarks
-
     if args.compare and not Path(args.compare).is_file():
         raise FileNotFoundError(f"--compare: checkpoint not found: {args.compare}")
+    if cfg.kafka.bootstrap_servers:  # else the bench starts its own broker
+        _require_reachable_kafka(cfg)
+    from stream.bench import run_benchmarks
+
     run_benchmarks(cfg, Path(args.out), quick=args.quick, compare=args.compare)
 
 
@@ -380,7 +481,7 @@ def cmd_broker(cfg, args):
     from stream.broker import EmbeddedBroker
 
     stop = stop_on_signals()
-    with EmbeddedBroker() as broker:
+    with EmbeddedBroker(port=args.port) as broker:
         print(f"embedded broker listening: --bootstrap-servers {broker.bootstrap}", flush=True)
         stop.wait()
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.partitioner.default import DefaultPartitioner
 
 from stream.config import ConfigError, KafkaConfig, TopicsConfig
@@ -118,6 +118,39 @@ def make_consumer(cfg: KafkaConfig, group_id: str | None, **overrides) -> KafkaC
     return KafkaConsumer(**opts)
 
 
+BOOTSTRAP_ATTEMPT_S = 5.0  # one bootstrap attempt of ensure_topics (kafka-python: 30 s)
+
+
+class KafkaUnreachable(KafkaTimeoutError):
+    """No broker of the bootstrap list answered in time: one line saying what to check."""
+
+    def __init__(self, servers: str, waited_s: float):
+        super().__init__(
+            f"no Kafka broker answered at {servers} within {waited_s:g} s: check that it runs "
+            "and is reachable from here, --bootstrap-servers (ECG_BOOTSTRAP_SERVERS) and "
+            "kafka.security_protocol"
+        )
+
+    def __str__(self) -> str:  # the message alone, without KafkaError's class-name prefix
+        return self.args[0]
+
+
+def admin_client(cfg: KafkaConfig, bootstrap_timeout_s: float) -> KafkaAdminClient:
+    """An admin client that gives up bootstrapping after bootstrap_timeout_s."""
+    return KafkaAdminClient(
+        **client_options(cfg), bootstrap_timeout_ms=int(bootstrap_timeout_s * 1000)
+    )
+
+
+def check_reachable(cfg: KafkaConfig, timeout_s: float = 4.0) -> None:
+    """Fail fast (KafkaUnreachable) unless a broker answers a metadata request: one-shot
+    commands call this first instead of waiting kafka-python's 30 s bootstrap timeout."""
+    try:
+        admin_client(cfg, timeout_s).close()
+    except KafkaTimeoutError as exc:
+        raise KafkaUnreachable(cfg.bootstrap_servers, timeout_s) from exc
+
+
 def ensure_topics(cfg: KafkaConfig, topics: TopicsConfig, timeout_s: float = 30.0) -> list[str]:
     """Create the pipeline's topics with the configured partitions and replication factor.
 
@@ -128,12 +161,14 @@ def ensure_topics(cfg: KafkaConfig, topics: TopicsConfig, timeout_s: float = 30.
     compacted = [topics.rhythm_state]  # a changelog: the latest record per key is what counts
     deadline = time.monotonic() + timeout_s
     while True:
+        # Bounded attempts, so a worker waiting for its broker says so every few seconds.
+        attempt_s = min(BOOTSTRAP_ATTEMPT_S, max(0.1, deadline - time.monotonic()))
         try:
-            admin = KafkaAdminClient(**client_options(cfg))
+            admin = admin_client(cfg, attempt_s)
             break
         except KafkaError as exc:
             if time.monotonic() > deadline:
-                raise
+                raise KafkaUnreachable(cfg.bootstrap_servers, timeout_s) from exc
             log.warning("waiting for Kafka at %s (%s)", cfg.bootstrap_servers, exc)
             time.sleep(1.0)
     try:
