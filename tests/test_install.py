@@ -117,3 +117,19 @@ def test_the_stream_runs_on_the_core_dependencies_alone(pipeline_config, checkpo
     assert len(shown.strip().splitlines()) >= 20
     log = (tmp_path / "core-worker.log").read_text()
     assert "Traceback" not in log and "blocked by the test" not in log, log[-3000:]
+
+
+@pytest.mark.parametrize("command", [["evaluate"], ["train", "--epochs", "1"]])
+def test_a_command_without_its_extra_names_the_extra(command, tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stream.cli", *command],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert "pip install 'ecg-stream[train]'" in line, line
