@@ -313,7 +313,7 @@ def user_error(exc: Exception) -> tuple[int, str] | None:
 
     from models.data import DataNotFoundError
     from stream.broker import BrokerError
-    from stream.kafka import KafkaUnreachable
+    from stream.kafka import KafkaUnreachable, TopicNotFound
     from stream.model_process import ModelProcessError
 
     if isinstance(exc, ConfigError):
@@ -324,7 +324,7 @@ def user_error(exc: Exception) -> tuple[int, str] | None:
             f"this command needs {exc.name}, which comes with the '{extra}' extra: "
             f"pip install 'ecg-stream[{extra}]'"
         )
-    runtime = [DataNotFoundError, BrokerError, FileNotFoundError, ModelProcessError]
+    runtime = [DataNotFoundError, BrokerError, FileNotFoundError, ModelProcessError, TopicNotFound]
     if "models.model" in sys.modules:  # only then can a CheckpointError exist (no torch import)
         runtime.append(sys.modules["models.model"].CheckpointError)
     if isinstance(exc, (KafkaUnreachable, *runtime)):

@@ -249,6 +249,22 @@ def read_range(consumer: KafkaConsumer, tp: TopicPartition, start: int, end: int
     return records
 
 
+class TopicNotFound(LookupError):
+    """A topic the command reads does not exist (yet)."""
+
+    def __init__(self, topic: str):
+        super().__init__(f"topic {topic} does not exist: run `ecg-stream create-topics` first")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def require_topic(consumer: KafkaConsumer, topic: str) -> None:
+    """Fail in one line instead of following a topic that is not there, silently, forever."""
+    if not consumer.partitions_for_topic(topic):
+        raise TopicNotFound(topic)
+
+
 def assign_all(consumer: KafkaConsumer, topic: str, from_beginning: bool = True) -> None:
     """Read every partition of a topic without joining a group (subscribers, tests)."""
     parts = consumer.partitions_for_topic(topic) or set()

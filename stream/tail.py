@@ -14,7 +14,7 @@ import numpy as np
 import orjson
 
 from stream.config import Config
-from stream.kafka import assign_all, make_consumer
+from stream.kafka import assign_all, make_consumer, require_topic
 from stream.subscriber import Deduplicator
 
 # The topics the workers publish at least once (raw and dlq copies are shown as they are).
@@ -84,13 +84,15 @@ def tail(
 ) -> int:
     """Follow a topic until stopped or `limit` messages; returns the number printed."""
     topic = getattr(cfg.topics, topic_kind)
-    consumer = make_consumer(cfg.kafka, None)
-    assign_all(consumer, topic, from_beginning)
-    if plot_dir:
-        Path(plot_dir).mkdir(parents=True, exist_ok=True)
+    # A reader must not create the topic it looks for (a broker with auto-creation would).
+    consumer = make_consumer(cfg.kafka, None, allow_auto_create_topics=False)
     recent = Deduplicator()
     count = 0
     try:
+        require_topic(consumer, topic)
+        assign_all(consumer, topic, from_beginning)
+        if plot_dir:
+            Path(plot_dir).mkdir(parents=True, exist_ok=True)
         while not stop.is_set() and (not limit or count < limit):
             for records in consumer.poll(timeout_ms=500).values():
                 for rec in records:

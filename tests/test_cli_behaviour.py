@@ -197,3 +197,25 @@ def test_broker_listens_on_the_chosen_port_and_an_in_use_port_fails_in_one_line(
         if broker.poll() is None:
             broker.kill()
             broker.wait(timeout=10)
+
+
+def test_tail_of_a_missing_topic_fails_in_one_line_and_creates_nothing(broker):
+    from kafka import KafkaAdminClient
+
+    topic = f"absent-{time.monotonic_ns()}"
+    proc = ecg_stream(
+        "tail",
+        "--bootstrap-servers",
+        broker.bootstrap,
+        "--set",
+        f"topics.events={topic}",
+        "--topic",
+        "events",
+        timeout=60,
+    )
+    assert_one_line_error(proc, 1, f"topic {topic} does not exist: run `ecg-stream create-topics`")
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    try:
+        assert topic not in admin.list_topics()
+    finally:
+        admin.close()
