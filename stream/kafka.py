@@ -211,41 +211,35 @@ class ReadTimeout(KafkaError):
     """A partition could not be read to its end in time."""
 
 
-def read_to_end(consumer: KafkaConsumer, tp: TopicPartition, timeout_s: float) -> list:
-    """Every record of one partition, from the beginning to the end at the time of reading.
+def read_partition(
+    consumer: KafkaConsumer,
+    tp: TopicPartition,
+    timeout_s: float,
+    start: int = 0,
+    end: int | None = None,
+) -> list:
+    """The records of one partition with start <= offset < end (fewer if some are gone), or,
+    with end=None, up to the partition's end at the time of reading.
 
     The end is the high watermark of the fetch responses (the embedded broker's
     `end_offsets()` is wrong, see `partition_lag`). Raises ReadTimeout after timeout_s.
     """
     consumer.assign([tp])
-    consumer.seek_to_beginning(tp)
+    if start > 0:
+        consumer.seek(tp, start)
+    else:
+        consumer.seek_to_beginning(tp)
     records: list = []
     deadline = time.monotonic() + timeout_s
-    while True:
+    while end is None or consumer.position(tp) < end:
         for batch in consumer.poll(timeout_ms=100, max_records=10000).values():
-            records.extend(batch)
+            records.extend(r for r in batch if end is None or r.offset < end)
         high = consumer.highwater(tp)
         if high is not None and consumer.position(tp) >= high:
-            return records
+            break  # the partition's end (also where end lies beyond it)
         if time.monotonic() > deadline:
-            raise ReadTimeout(f"{tp.topic}[{tp.partition}] not read to its end in {timeout_s} s")
-
-
-def read_range(consumer: KafkaConsumer, tp: TopicPartition, start: int, end: int, timeout_s):
-    """The records of one partition with start <= offset < end (fewer if some are gone).
-    Raises ReadTimeout after timeout_s."""
-    consumer.assign([tp])
-    consumer.seek(tp, max(0, start))
-    records: list = []
-    deadline = time.monotonic() + timeout_s
-    while consumer.position(tp) < end:
-        for batch in consumer.poll(timeout_ms=100, max_records=10000).values():
-            records.extend(r for r in batch if r.offset < end)
-        high = consumer.highwater(tp)
-        if high is not None and consumer.position(tp) >= high:
-            break  # nothing more there (end was beyond the partition's end)
-        if time.monotonic() > deadline:
-            raise ReadTimeout(f"{tp.topic}[{tp.partition}] not read up to {end} in {timeout_s} s")
+            goal = "to its end" if end is None else f"up to {end}"
+            raise ReadTimeout(f"{tp.topic}[{tp.partition}] not read {goal} in {timeout_s} s")
     return records
 
 

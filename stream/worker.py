@@ -51,7 +51,7 @@ from kafka.errors import (
 )
 
 from stream.config import Config
-from stream.kafka import make_consumer, make_producer, partition_lag, read_range, read_to_end
+from stream.kafka import make_consumer, make_producer, partition_lag, read_partition
 from stream.metrics import WorkerMetrics
 from stream.processor import Output, Prepared, Processor
 
@@ -413,7 +413,7 @@ class Worker:
     def restore_rhythm(self, partition: int) -> None:
         started = time.perf_counter()
         tp = TopicPartition(self.cfg.topics.rhythm_state, partition)
-        records = read_to_end(self.state_reader, tp, timeout_s=ACK_WAIT_S * 6)
+        records = read_partition(self.state_reader, tp, ACK_WAIT_S * 6)
         patients = self.processor.rhythm.restore(partition, records)
         self.metrics.rhythm_restore_seconds.observe(time.perf_counter() - started)
         if patients:
@@ -427,7 +427,7 @@ class Worker:
         if not count or start <= 0:
             return
         started = time.perf_counter()
-        records = read_range(self.state_reader, tp, start - count, start, ACK_WAIT_S * 6)
+        records = read_partition(self.state_reader, tp, ACK_WAIT_S * 6, start - count, start)
         beats = self.processor.warm_up(records)
         self.metrics.warmup_beats.inc(beats)
         self.metrics.warmup_seconds.observe(time.perf_counter() - started)

@@ -79,15 +79,21 @@ def test_hadolint_passes_the_dockerfile():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def cli(args: list[str], cfg_path: Path, env: dict, timeout_s: float = 120) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "stream.cli", *args, "--config", str(cfg_path)],
+def blocked_cli(args: list[str], blocker_dir: Path) -> subprocess.CompletedProcess:
+    """`ecg-stream ARGS` with the training stack made unimportable (BLOCKER)."""
+    (blocker_dir / "sitecustomize.py").write_text(BLOCKER)
+    return subprocess.run(
+        [sys.executable, "-m", "stream.cli", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={**os.environ, **env},
-        timeout=timeout_s,
+        env={**os.environ, "PYTHONPATH": str(blocker_dir)},
+        timeout=120,
     )
+
+
+def cli(args: list[str], cfg_path: Path, blocker_dir: Path) -> str:
+    proc = blocked_cli([*args, "--config", str(cfg_path)], blocker_dir)
     assert proc.returncode == 0, f"ecg-stream {' '.join(args)} failed:\n{proc.stderr}"
     return proc.stdout + proc.stderr
 
@@ -98,20 +104,24 @@ def test_the_stream_runs_on_the_core_dependencies_alone(pipeline_config, checkpo
     (tmp_path / "sitecustomize.py").write_text(BLOCKER)
     env = {"PYTHONPATH": str(tmp_path)}
     probe = subprocess.run(
-        [sys.executable, "-c", "import wfdb"], capture_output=True, text=True, env=env, cwd=ROOT
+        [sys.executable, "-c", "import wfdb"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        cwd=ROOT,
     )
     assert probe.returncode != 0 and "blocked by the test" in probe.stderr, "blocker inactive"
 
     cfg = pipeline_config("simulator.patients=3", "simulator.speed=0", "simulator.beats=300")
     cfg_path = write_config(cfg, tmp_path / "core.yaml")
-    cli(["create-topics"], cfg_path, env)
+    cli(["create-topics"], cfg_path, tmp_path)
     proc, port = start_worker(cfg, tmp_path, "core-worker", env=env)
     try:
         wait_for_metrics(port, proc)
         result = run_simulator(cfg)  # in this process: the simulator needs the `data` extra
         repaired = decode(read_topic(cfg, cfg.topics.repaired, expected=result.sent))
         assert len({(m["patient_id"], m["seq"]) for m in repaired}) == result.sent
-        shown = cli(["tail", "--from-beginning", "--limit", "20"], cfg_path, env)
+        shown = cli(["tail", "--from-beginning", "--limit", "20"], cfg_path, tmp_path)
     finally:
         stop_workers([(proc, port)])
     assert len(shown.strip().splitlines()) >= 20
@@ -121,15 +131,7 @@ def test_the_stream_runs_on_the_core_dependencies_alone(pipeline_config, checkpo
 
 @pytest.mark.parametrize("command", [["evaluate"], ["train", "--epochs", "1"]])
 def test_a_command_without_its_extra_names_the_extra(command, tmp_path):
-    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
-    proc = subprocess.run(
-        [sys.executable, "-m", "stream.cli", *command],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(tmp_path)},
-        timeout=120,
-    )
+    proc = blocked_cli(command, tmp_path)
     assert proc.returncode == 1
     (line,) = proc.stderr.strip().splitlines()
     assert "pip install 'ecg-stream[train]'" in line, line
