@@ -165,11 +165,10 @@ class Processor:
         partition's start (already published by its previous owner): their sequence, RR and
         templates, as if this worker had seen them. Nothing is published or counted; the
         model advances the templates only (no pass), ahead of the batches that follow."""
-        w = self.cfg.worker
         accepted = []
         for rec in records:
             try:
-                beat = messages.decode_raw(rec.value, rec.key, w.max_message_bytes)
+                beat = self._decode(rec)
                 accepted.append((beat, self.registry.admit(rec.partition, beat)))
             except InvalidMessage:
                 continue  # it went to the DLQ the first time
@@ -225,16 +224,22 @@ class Processor:
         self.rhythm.snapshots(out)
         return out
 
-    def _admit(self, rec, out: Output) -> _Accepted:
+    def _decode(self, rec) -> messages.RawBeat:
+        """A raw record as a beat the patient's state may see; InvalidMessage otherwise."""
         w = self.cfg.worker
         beat = messages.decode_raw(rec.value, rec.key, w.max_message_bytes)
         lead = beat.timestamp - time.time()
-        if lead > w.max_clock_lead_s:  # checked before the patient's state sees it
+        if lead > w.max_clock_lead_s:
             raise InvalidMessage(
                 "bad_timestamp",
                 f"timestamp {beat.timestamp} is {lead:.0f} s ahead of the worker's clock "
                 f"(worker.max_clock_lead_s = {w.max_clock_lead_s:g})",
             )
+        return beat
+
+    def _admit(self, rec, out: Output) -> _Accepted:
+        w = self.cfg.worker
+        beat = self._decode(rec)
         admitted = self.registry.admit(rec.partition, beat)
         if admitted.reset:
             out.counts[self.metrics.device_resets] += 1

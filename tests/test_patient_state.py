@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
+
 import numpy as np
 
+from stream import messages
+from stream.config import load_config
+from stream.engine import Engine
 from stream.messages import RawBeat
+from stream.metrics import WorkerMetrics
+from stream.processor import Processor
 from stream.state import PatientRegistry
 from tests.helpers import metric_sum, scrape
 
@@ -53,6 +61,30 @@ def test_a_small_step_back_is_a_duplicate_not_a_reset():
     assert registry.admit(0, beat("p", 400, 1002.0)).reset  # RESET_SEQ_DROP = 100 back
     with pytest.raises(InvalidMessage, match="duplicate_seq"):
         registry.admit(0, beat("p", 400, 1003.0))  # the new numbering's own duplicate
+
+
+def test_warm_up_skips_what_the_first_owner_sent_to_the_dlq(checkpoint):
+    """Re-reading a partition's earlier beats admits only what the worker would have: a
+    far-future timestamp in them must not move the patient's clock ahead of its real beats."""
+    cfg = load_config(env={})
+    engine = Engine.load(checkpoint, threads=1, max_batch=8)
+    processor = Processor(cfg, engine, WorkerMetrics(), "w-test")
+    now = time.time()
+
+    def record(offset: int, seq: int, ts: float) -> SimpleNamespace:
+        raw = messages.raw_beat("p", seq, ts, np.full(100, 0.5), np.zeros(100, bool))
+        return SimpleNamespace(
+            partition=0, topic="raw", offset=offset, key=b"p", value=messages.dumps(raw)
+        )
+
+    try:
+        earlier = [record(0, 1, now), record(1, 2, now + 9e6), record(2, 2, now + 1.0)]
+        assert processor.warm_up(earlier) == 2
+        batch = processor.prepare([record(3, 3, now + 2.0)])
+    finally:
+        engine.close()
+    assert [topic for topic, _, _ in batch.out.messages] == [], "the next real beat was refused"
+    assert len(batch.accepted) == 1 and batch.accepted[0].admitted.rr_s is not None
 
 
 def test_the_least_recently_seen_patient_goes_first_over_the_cap():
