@@ -62,8 +62,8 @@ def test_memory_stays_bounded_by_the_capacity():
     assert not recent.seen(beat("p", 0, 1000.0)), "the oldest were forgotten"
 
 
-def test_a_key_costs_about_200_bytes():
-    """The README's sizing (75,000 keys, about 15 MB) and the class docstring."""
+def test_a_key_costs_about_230_bytes():
+    """The README's sizing (75,000 keys, about 18 MB) and the class docstring."""
     patients = [f"patient-{i:05d}" for i in range(1_000)]  # ids exist in the caller anyway
     tracemalloc.start()
     before = tracemalloc.take_snapshot()
@@ -74,7 +74,7 @@ def test_a_key_costs_about_200_bytes():
     per_key = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
     tracemalloc.stop()
     per_key /= len(recent)
-    assert 50 < per_key < 250, f"{per_key:.0f} bytes per key"
+    assert 150 < per_key < 300, f"{per_key:.0f} bytes per key"
 
 
 def readme_example() -> str:
