@@ -312,7 +312,7 @@ def user_error(exc: Exception) -> tuple[int, str] | None:
     from kafka.errors import KafkaTimeoutError
 
     from models.data import DataNotFoundError
-    from stream.broker import BrokerError
+    from stream.tooling.broker import BrokerError
     from stream.kafka import KafkaUnreachable, TopicNotFound
     from stream.model_process import ModelProcessError
 
@@ -477,7 +477,7 @@ def cmd_tail(cfg, args):
 def cmd_demo(cfg, args):
     if cfg.kafka.bootstrap_servers:  # else the demo starts its own broker
         _require_reachable_kafka(cfg)
-    from stream.demo import run_demo
+    from stream.tooling.demo import run_demo
 
     run_demo(cfg, args.demo_duration, args.workers, Path(args.out), args.partitions)
 
@@ -487,13 +487,13 @@ def cmd_bench(cfg, args):
         raise FileNotFoundError(f"--compare: checkpoint not found: {args.compare}")
     if cfg.kafka.bootstrap_servers:  # else the bench starts its own broker
         _require_reachable_kafka(cfg)
-    from stream.bench import run_benchmarks
+    from stream.tooling.bench import run_benchmarks
 
     run_benchmarks(cfg, Path(args.out), quick=args.quick, compare=args.compare)
 
 
 def cmd_broker(cfg, args):
-    from stream.broker import EmbeddedBroker
+    from stream.tooling.broker import EmbeddedBroker
 
     stop = stop_on_signals()
     with EmbeddedBroker(port=args.port) as broker:

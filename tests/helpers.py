@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import orjson
-import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
-from stream.config import Config, as_dict
+from stream.config import Config
 from stream.engine import Engine
 from stream.kafka import assign_all, make_consumer
 from stream.metrics import WorkerMetrics
+from stream.tooling.processes import (
+    metric_families,
+    run_simulator,  # noqa: F401 - the tests import it from here
+    spawn_cli,
+    spawn_worker,
+    stop_processes,
+    write_config,  # noqa: F401 - the tests import it from here
+)
 from stream.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,30 +94,15 @@ class ThreadWorker:
         self.thread.join(timeout=30)
 
 
-def write_config(cfg: Config, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(as_dict(cfg)))
-    return path
-
-
 def start_process(args: list[str], cfg_path: Path, log_path: Path, env: dict | None = None):
     """`ecg-stream ARGS --config cfg_path` as a subprocess, output to log_path."""
-    log = open(log_path, "ab")  # noqa: SIM115 - closed with the process
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("ECG_CONFIG", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "stream.cli", *args, "--config", str(cfg_path)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-        env=full_env,
-    )
+    return spawn_cli([*args, "--config", str(cfg_path)], log_path, env=env, cwd=ROOT)
 
 
 def scrape(port: int) -> dict[str, float]:
-    """Prometheus text from 127.0.0.1:port/metrics as {'name{labels}': value}."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    """127.0.0.1:port/metrics as {'name{labels}': value}; OSError while it does not answer."""
     out = {}
-    for family in text_string_to_metric_families(text):
+    for family in metric_families(port):
         for s in family.samples:
             labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
             out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
@@ -135,14 +122,7 @@ def start_worker(
 ) -> tuple[subprocess.Popen, int]:
     """One `ecg-stream worker` process named `name` (worker_id, log file), with its own
     metrics port. Returns (process, metrics port)."""
-    from stream.broker import free_port
-
-    port = free_port()
-    path = write_config(cfg, tmp_path / f"{name}.yaml")
-    args = ["worker", "--metrics-port", str(port), "--set", f"worker.worker_id={name}"]
-    for s in sets:
-        args += ["--set", s]
-    return start_process(args, path, tmp_path / f"{name}.log", env=env), port
+    return spawn_worker(cfg, tmp_path, name, *sets, env=env, cwd=ROOT)
 
 
 def wait_for_metrics(port: int, proc=None, timeout_s: float = 90.0) -> dict[str, float]:
@@ -256,14 +236,7 @@ def start_workers(cfg: Config, tmp_path: Path, n: int, first: int = 0):
 
 def stop_workers(procs) -> None:
     """SIGTERM every worker, then wait (kill what does not stop)."""
-    for proc, _ in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc, _ in procs:
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    stop_processes([proc for proc, _ in procs])
 
 
 def wait_for_stable_group(partitions: int, ports, timeout_s: float = 90.0) -> None:
@@ -294,20 +267,6 @@ def wait_until(condition, timeout_s: float, what: str, every_s: float = 0.2) -> 
 def consumed(port: int) -> float:
     """Raw messages a worker has consumed so far (0 while its endpoint is not up)."""
     return metric_sum(try_scrape(port) or {}, "ecg_messages_consumed_total")
-
-
-def run_simulator(cfg: Config, stop=None):
-    """The simulator in this process (a thread or the test itself), on its own producer,
-    until its budget is spent or `stop` (a threading.Event) is set."""
-    from simulator.run import simulate
-    from stream.kafka import make_producer
-    from stream.metrics import SimulatorMetrics
-
-    producer = make_producer(cfg.kafka)
-    try:
-        return simulate(cfg, producer, SimulatorMetrics(), stop)
-    finally:
-        producer.close()
 
 
 class EventFollower(TopicFollower):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from stream.bench import BATCH_SIZES, SIZED_PARTITIONS, run_benchmarks
+from stream.tooling.bench import BATCH_SIZES, SIZED_PARTITIONS, run_benchmarks
 from stream.config import load_config
 
 

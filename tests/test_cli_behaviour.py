@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from stream import cli
-from stream.broker import free_port
+from stream.tooling.broker import free_port
 from stream.config import KafkaConfig
 from stream.kafka import KafkaUnreachable, admin_client, check_reachable
 from tests.conftest import require

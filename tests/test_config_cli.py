@@ -96,7 +96,7 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 def test_the_demo_gives_the_embedded_broker_one_partition_per_worker():
-    from stream.demo import demo_partitions
+    from stream.tooling.demo import demo_partitions
 
     cfg = Config()
     assert cfg.kafka.partitions == 6

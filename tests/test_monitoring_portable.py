@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stream.broker import free_port
+from stream.tooling.broker import free_port
 from stream.metrics import EvaluatorMetrics, WorkerMetrics, serve
 from tests.conftest import require_binary
 from tests.test_prometheus_live import query, start_prometheus

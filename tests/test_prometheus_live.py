@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stream.broker import free_port, wait_for_port
+from stream.tooling.broker import free_port, wait_for_port
 from stream.evaluator import LiveEvaluator
 from stream.kafka import ensure_topics, make_producer
 from stream.metrics import SimulatorMetrics, serve

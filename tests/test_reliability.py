@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 from kafka.future import Future
 
-from stream.broker import EmbeddedBroker, free_port, wait_for_port
+from stream.tooling.broker import EmbeddedBroker, free_port, wait_for_port
 from stream.kafka import ensure_topics
 from tests.conftest import require, unique_topics_config
 from tests.helpers import (

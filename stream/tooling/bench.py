@@ -26,7 +26,6 @@ import dataclasses
 import json
 import os
 import platform
-import subprocess
 import tempfile
 import threading
 import time
@@ -37,17 +36,16 @@ import numpy as np
 import torch
 
 from models.model import ReferenceAutoencoder, ReferenceClassifier
-from simulator.run import simulate
-from stream.broker import EmbeddedBroker
 from stream.config import Config, embedded_profile, load_config, set_value
-from stream.demo import scrape, spawn_worker, total
 from stream.engine import Engine
-from stream.kafka import assign_all, ensure_topics, make_consumer, make_producer
+from stream.kafka import assign_all, ensure_topics, make_consumer
 from stream.messages import decode_raw
-from stream.metrics import SimulatorMetrics, WorkerMetrics
+from stream.metrics import WorkerMetrics
 from stream.processor import Output, Prepared, batch_offsets, resolved
 from stream.rhythm_stage import RhythmStage
 from stream.state import PatientRegistry
+from stream.tooling.broker import EmbeddedBroker
+from stream.tooling.processes import run_simulator, scrape, spawn_worker, stop_processes, total
 from stream.worker import IDLE_POLL_MS, Worker
 
 BATCH_SIZES = (1, 8, 32, 128, 256, 512, 1024)
@@ -165,11 +163,7 @@ def produce_backlog(cfg: Config, beats: int, rate: float = 0.0, linger_ms: int =
     sim = dataclasses.replace(
         cfg.simulator, beats=beats, speed=0.0, rate=rate, truth=False, duration_s=0.0
     )
-    producer = make_producer(cfg.kafka, linger_ms=linger_ms)
-    try:
-        return simulate(dataclasses.replace(cfg, simulator=sim), producer, SimulatorMetrics()).sent
-    finally:
-        producer.close()
+    return run_simulator(dataclasses.replace(cfg, simulator=sim), linger_ms=linger_ms).sent
 
 
 def count_rate(read_count, expected: int, timeout_s: float, every_s: float = 0.01) -> float:
@@ -234,11 +228,7 @@ class WorkerProcess:
         return peaks
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_processes([self.proc], timeout_s=30)
 
 
 def _peak_rss_mb(pid: int) -> float:

@@ -11,93 +11,32 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
-import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from models.data import DataNotFoundError
-from simulator.run import data_source, simulate
-from stream.broker import EmbeddedBroker, free_port
-from stream.config import Config, as_dict, embedded_profile
+from simulator.run import data_source
+from stream.config import Config, embedded_profile
 from stream.evaluator import LiveEvaluator
-from stream.kafka import ensure_topics, make_producer, scan_topic
+from stream.kafka import ensure_topics, scan_topic
 from stream.metrics import EvaluatorMetrics, SimulatorMetrics, serve
+from stream.tooling.broker import EmbeddedBroker, free_port
+from stream.tooling.processes import (
+    histogram_quantile,
+    run_simulator,
+    scrape,
+    spawn_worker,
+    stop_processes,
+    total,
+)
 
 log = logging.getLogger(__name__)
 SUMMARY_EVERY_S = 5.0
-
-
-def scrape(port: int) -> list:
-    """Metric families of a local /metrics endpoint ([] if it is not up)."""
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
-    except OSError:
-        return []
-    return list(text_string_to_metric_families(text.decode()))
-
-
-def total(families: list, name: str, **labels) -> float:
-    """Sum of a sample name over families, filtered by labels."""
-    return sum(
-        s.value
-        for f in families
-        for s in f.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
-
-
-def histogram_quantile(families: list, name: str, q: float) -> float:
-    """A quantile from cumulative histogram buckets (linear within a bucket), like PromQL."""
-    buckets: dict[float, float] = {}
-    for f in families:
-        for s in f.samples:
-            if s.name == f"{name}_bucket":
-                le = float(s.labels["le"])
-                buckets[le] = buckets.get(le, 0.0) + s.value
-    edges = sorted(buckets)
-    if not edges or buckets[edges[-1]] == 0:
-        return float("nan")
-    rank, lower, below = q * buckets[edges[-1]], 0.0, 0.0
-    for le in edges:
-        if buckets[le] >= rank:
-            if le == float("inf"):
-                return lower
-            return lower + (le - lower) * (rank - below) / max(buckets[le] - below, 1e-12)
-        lower, below = le, buckets[le]
-    return lower
-
-
-def spawn_worker(cfg: Config, workdir: Path, name: str, *sets: str):
-    """An `ecg-stream worker` process with cfg (written to workdir/name.yaml), its metrics on a
-    free loopback port and its output in workdir/name.log. Returns (process, port)."""
-    port = free_port()
-    path = workdir / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(as_dict(cfg)))
-    args = [
-        "worker",
-        "--config",
-        str(path),
-        "--metrics-port",
-        str(port),
-        "--set",
-        "metrics.host=127.0.0.1",
-    ]
-    for item in sets:
-        args += ["--set", item]
-    with open(workdir / f"{name}.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "stream.cli", *args], stdout=log, stderr=subprocess.STDOUT
-        )
-    return proc, port
 
 
 class Demo:
@@ -139,11 +78,7 @@ class Demo:
         print("warning: workers did not take all partitions in time; starting anyway")
 
     def run_simulator(self) -> None:
-        producer = make_producer(self.cfg.kafka)
-        try:
-            self.sim_result = simulate(self.cfg, producer, self.sim_metrics, self.stop)
-        finally:
-            producer.close()
+        self.sim_result = run_simulator(self.cfg, self.stop, self.sim_metrics)
 
     def summary(self, elapsed: float, previous: float) -> float:
         families = [f for _, port in self.procs for f in scrape(port)]
@@ -185,14 +120,7 @@ class Demo:
         self.stop.set()
         if self.evaluator_thread.is_alive():
             self.evaluator_thread.join(timeout=20)
-        for proc, _ in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc, _ in self.procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes([proc for proc, _ in self.procs])
 
 
 def demo_partitions(cfg: Config, workers: int, requested: int | None, embedded: bool) -> int:
