@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
+from models.data import AAMI_CLASSES
+
 SCHEMA_VERSION = 1
 BEAT_FS = 125
 MAX_SAMPLES = 187
@@ -23,6 +25,9 @@ MAX_ABS_SAMPLE = 100.0  # beats are scaled to [0, 1]; anything beyond this is co
 SAMPLE_DECIMALS = 5  # 11-bit ADC data scaled to [0, 1]: 5 decimals lose nothing measurable
 PATIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 REQUIRED = ("schema_version", "patient_id", "seq", "timestamp", "fs", "samples")
+IMPUTED_DECIMALS = 5  # an estimate: more digits would only suggest precision it lacks
+STATUSES = ("complete", "repaired", "unrecoverable")  # of a repaired beat
+ALERT_TYPES = ("anomaly", "arrhythmia", "unrecoverable", "lost_beats")
 
 
 class InvalidMessage(ValueError):
@@ -194,6 +199,87 @@ def _samples(values: list) -> tuple[np.ndarray, np.ndarray]:
 def dumps(message: dict) -> bytes:
     """Serialise a message (orjson: compact, fast, rejects NaN)."""
     return orjson.dumps(message, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+@dataclass
+class Verdict:
+    """What the model said about one recoverable beat."""
+
+    filled: np.ndarray  # the model's samples; only the missing ones are used
+    label: str
+    confidence: float
+    probabilities: list[float]  # in AAMI_CLASSES order
+    score: float  # anomaly score
+    threshold: float
+
+    @property
+    def flag(self) -> bool:
+        return self.score > self.threshold
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def repaired_beat(
+    beat: RawBeat,
+    verdict: Verdict | None,
+    *,
+    rr_s: float | None,
+    heart_rate_bpm: float | None,
+    device_reset: bool,
+    model_version: str,
+    worker_id: str,
+    partition: int,
+    offset: int,
+) -> dict:
+    """A repaired-beat message. Observed samples pass through exactly as received; only the
+    missing ones take the model's values, and `imputed_mask` says which. No verdict: the beat
+    is unrecoverable and goes out with its gaps, no class and no anomaly score."""
+    n_missing = int(beat.missing.sum())
+    body = {
+        "schema_version": SCHEMA_VERSION,
+        "patient_id": beat.patient_id,
+        "seq": beat.seq,
+        "timestamp": beat.timestamp,
+        "fs": BEAT_FS,
+        "missing_count": n_missing,
+        "missing_fraction": round(n_missing / len(beat.samples), 6),
+        "rr_interval_s": _rounded(rr_s, 4),
+        "heart_rate_bpm": _rounded(heart_rate_bpm, 1),
+        "device_reset": device_reset,
+        "model_version": model_version,
+        "worker_id": worker_id,
+        "received_partition": partition,
+        "received_offset": offset,
+    }
+    if verdict is None:
+        body.update(
+            samples=beat.raw_values,
+            imputed_mask=[0] * len(beat.samples),
+            beat_class=None,
+            anomaly=None,
+            status="unrecoverable",
+        )
+    else:
+        samples = list(beat.raw_values)
+        gaps = np.flatnonzero(beat.missing)
+        imputed = np.round(verdict.filled[gaps], IMPUTED_DECIMALS).tolist()
+        for i, value in zip(gaps.tolist(), imputed):
+            samples[i] = value
+        body.update(
+            samples=samples,
+            imputed_mask=beat.missing.view(np.int8),  # written by orjson as 0/1 integers
+            beat_class={
+                "label": verdict.label,
+                "confidence": verdict.confidence,
+                "probabilities": dict(zip(AAMI_CLASSES, verdict.probabilities)),
+            },
+            anomaly={"score": verdict.score, "threshold": verdict.threshold, "flag": verdict.flag},
+            status="repaired" if n_missing else "complete",
+        )
+    body["processed_at"] = time.time()
+    return body
 
 
 def raw_beat(

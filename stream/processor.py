@@ -20,14 +20,10 @@ from models.data import AAMI_CLASSES, BEAT_LEN
 from models.episodes import Beat
 from stream import messages
 from stream.config import Config
-from stream.messages import InvalidMessage, RawBeat
+from stream.messages import ALERT_TYPES, STATUSES, InvalidMessage, RawBeat, Verdict
 from stream.metrics import WorkerMetrics
 from stream.rhythm_stage import RhythmStage
 from stream.state import Admitted, PatientRegistry, pad
-
-STATUSES = ("complete", "repaired", "unrecoverable")
-ALERT_TYPES = ("anomaly", "arrhythmia", "unrecoverable", "lost_beats")
-IMPUTED_DECIMALS = 5  # an estimate: more digits would only suggest precision it lacks
 
 if TYPE_CHECKING:  # the worker's I/O process never imports torch
     from stream.engine import Engine
@@ -90,10 +86,6 @@ def to_model_batch(beats, admitted, recoverable: np.ndarray) -> ModelBatch:
         recoverable=recoverable,
         rhythm=np.array([a.rhythm for a in admitted]),
     )
-
-
-def _rounded(value: float | None, digits: int) -> float | None:
-    return None if value is None else round(value, digits)
 
 
 def resolved(value) -> Future:
@@ -272,88 +264,46 @@ class Processor:
         `recovered`: the beat's (filled samples, rhythm-stage beat with its class, class
         probabilities, anomaly score), or None for an unrecoverable beat."""
         beat = a.beat
-        n_missing = a.n_missing
-        counts[self.metrics.samples_missing] += n_missing
-        body = {
-            "schema_version": messages.SCHEMA_VERSION,
-            "patient_id": beat.patient_id,
-            "seq": beat.seq,
-            "timestamp": beat.timestamp,
-            "fs": messages.BEAT_FS,
-            "missing_count": n_missing,
-            "missing_fraction": round(n_missing / len(beat.samples), 6),
-            "rr_interval_s": _rounded(a.admitted.rr_s, 4),
-            "heart_rate_bpm": _rounded(a.admitted.heart_rate_bpm, 1),
-            "device_reset": a.admitted.reset,
-            "model_version": self.engine.version,
-            "worker_id": self.worker_id,
-            "received_partition": a.record.partition,
-            "received_offset": a.record.offset,
-        }
+        verdict = None
+        counts[self.metrics.samples_missing] += a.n_missing
         if recovered is None:
-            status = "unrecoverable"
-            body.update(
-                samples=beat.raw_values,
-                imputed_mask=[0] * len(beat.samples),
-                beat_class=None,
-                anomaly=None,
-            )
+            fraction = a.n_missing / len(beat.samples)
+            limit = self.cfg.worker.unrecoverable_fraction
             alerts.append(
-                (
-                    "unrecoverable",
-                    {
-                        "missing_fraction": body["missing_fraction"],
-                        "limit": self.cfg.worker.unrecoverable_fraction,
-                    },
-                )
+                ("unrecoverable", {"missing_fraction": round(fraction, 6), "limit": limit})
             )
         else:
-            status = "repaired" if n_missing else "complete"
-            body.update(self._repaired_fields(beat, *recovered, alerts, counts))
-        body["status"] = status
-        body["processed_at"] = time.time()
-        counts[self.produced[status]] += 1
+            filled, classified, probs, score = recovered
+            verdict = Verdict(
+                filled, classified.label, classified.confidence, probs, score, self.engine.threshold
+            )
+            self._count_and_alert(verdict, a.n_missing, alerts, counts)
+        body = messages.repaired_beat(
+            beat,
+            verdict,
+            rr_s=a.admitted.rr_s,
+            heart_rate_bpm=a.admitted.heart_rate_bpm,
+            device_reset=a.admitted.reset,
+            model_version=self.engine.version,
+            worker_id=self.worker_id,
+            partition=a.record.partition,
+            offset=a.record.offset,
+        )
+        counts[self.produced[body["status"]]] += 1
         return (self.cfg.topics.repaired, beat.patient_id.encode(), messages.dumps(body))
 
-    def _repaired_fields(
-        self,
-        beat: RawBeat,
-        filled,
-        classified: Beat,
-        probs: list[float],
-        score: float,
-        alerts: list,
-        counts: Counter,
-    ) -> dict:
-        samples = list(beat.raw_values)  # observed values exactly as received
-        gaps = np.flatnonzero(beat.missing)
-        for i, value in zip(gaps.tolist(), np.round(filled[gaps], IMPUTED_DECIMALS).tolist()):
-            samples[i] = value
-        counts[self.metrics.samples_imputed] += len(gaps)
-        confidence, label = classified.confidence, classified.label
-        flag = score > self.engine.threshold
-        counts[self.classified[label]] += 1
-        if flag:
-            counts[self.anomalies[label]] += 1
+    def _count_and_alert(self, v: Verdict, n_missing: int, alerts: list, counts: Counter) -> None:
+        """A recoverable beat's metrics, and its anomaly and arrhythmia alerts."""
+        counts[self.metrics.samples_imputed] += n_missing
+        counts[self.classified[v.label]] += 1
+        if v.flag:
+            counts[self.anomalies[v.label]] += 1
             alerts.append(
-                (
-                    "anomaly",
-                    {"score": score, "threshold": self.engine.threshold, "beat_class": label},
-                )
+                ("anomaly", {"score": v.score, "threshold": v.threshold, "beat_class": v.label})
             )
         w = self.cfg.worker
-        if label in w.alert_classes and confidence >= w.min_alert_probability:
-            alerts.append(("arrhythmia", {"beat_class": label, "probability": confidence}))
-        return {
-            "samples": samples,
-            "imputed_mask": beat.missing.view(np.int8),  # written by orjson as 0/1 integers
-            "beat_class": {
-                "label": label,
-                "confidence": confidence,
-                "probabilities": dict(zip(AAMI_CLASSES, probs)),
-            },
-            "anomaly": {"score": score, "threshold": self.engine.threshold, "flag": flag},
-        }
+        if v.label in w.alert_classes and v.confidence >= w.min_alert_probability:
+            alerts.append(("arrhythmia", {"beat_class": v.label, "probability": v.confidence}))
 
     def _alert(self, out: Output, kind: str, beat: RawBeat, detail: dict) -> None:
         if kind not in self.beat_alerts:
