@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+# The committed checkpoints: the served DS1 model (trained DS1, scored on DS2), the
+# intra-patient reference and the ECG5000 one-patient autoencoder.
+CHECKPOINTS = {
+    "inter": WEIGHTS / "ecgnet-ds1.pt",
+    "intra": WEIGHTS / "ecgnet-intra.pt",
+    "ecg5000": WEIGHTS / "ecg5000-ae.pt",
+}
+DEFAULT_CHECKPOINT = CHECKPOINTS["inter"]  # what a worker serves unless model.checkpoint says
 
 
 @dataclass

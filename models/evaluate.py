@@ -1,7 +1,8 @@
 """Offline evaluation of the checkpoints: gap filling, AAMI beat classes and anomaly flags.
 
 `evaluate` writes report.md, report.json and PNG figures into a directory; run it as
-`ecg-stream evaluate --out DIR` (or `python -m models.evaluate --out DIR`).
+`ecg-stream evaluate --out DIR` (`stream/evaluate_offline.py` resolves the data and the
+checkpoints from the config).
 
 Every mask and every patient template is computed on the full, time-ordered record sequence
 first (a template needs the patient's previous beats), and only then are rows subsampled.
@@ -10,12 +11,9 @@ Metrics count masked samples inside the signal-bearing part of a beat only.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from tqdm import tqdm
 from models import data as D
 from models import plots
 from models.baselines import linear_fill, spline_fill, template_fill, zero_fill
-from models.config import TrainConfig
+from models.config import DEFAULT_CHECKPOINT, TrainConfig
 from models.masks import block, bursty, contiguous_gap, mask_batch, training_mask
 from models.model import Repair, load_checkpoint, repair
 from models.rhythm import N_FEATURES as N_RHYTHM
@@ -35,12 +33,6 @@ from models.templates import TemplateSpec
 from models.train import BeatContext, beat_context, ecg5000_scores, split_beats
 
 BATCH = 1024
-WEIGHTS = Path(__file__).resolve().parent / "weights"
-DEFAULT_CHECKPOINTS = {
-    "inter": WEIGHTS / "ecgnet-ds1.pt",
-    "intra": WEIGHTS / "ecgnet-intra.pt",
-    "ecg5000": WEIGHTS / "ecg5000-ae.pt",
-}
 F_RECORDS = {"DS1": "208", "DS2": "213"}  # almost every F beat of each set comes from these
 
 
@@ -380,7 +372,7 @@ def evaluate(
     out_dir,
     data_dir,
     ecg5000_dir=None,
-    inter_ckpt=DEFAULT_CHECKPOINTS["inter"],
+    inter_ckpt=DEFAULT_CHECKPOINT,
     intra_ckpt=None,
     ecg5000_ckpt=None,
     max_beats: int = 0,
@@ -692,70 +684,3 @@ def render_markdown(report: dict) -> str:
     figures = ["## Figures", "", *(f"![{name}]({name})" for name in report["figures"]), ""]
     sections = (_imputation_md, _classification_md, _anomaly_md, _context_md)
     return "\n".join(head + [line for s in sections for line in s(report)] + figures)
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Arguments of `ecg-stream evaluate` (pass a subparser to add them to it)."""
-    p = parser or argparse.ArgumentParser(prog="ecg-stream evaluate", description=__doc__)
-    p.add_argument("--out", required=True, help="output directory for the report")
-    p.add_argument(
-        "--data-dir",
-        default=os.environ.get("ECG_DATA_DIR"),
-        help="MIT-BIH directory (default: ECG_DATA_DIR, else cache/download)",
-    )
-    p.add_argument(
-        "--ecg5000-dir",
-        default=os.environ.get("ECG5000_DIR"),
-        help="ECG5000 directory (default: ECG5000_DIR, else sibling 'ecg5000')",
-    )
-    for role, path in DEFAULT_CHECKPOINTS.items():
-        p.add_argument(f"--{role}-checkpoint", default=str(path), help=f"default: {path}")
-    p.add_argument("--max-beats", type=int, default=0, help="subsample DS2 (0: all beats)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def run(args: argparse.Namespace) -> dict:
-    """Resolve directories and checkpoints from parsed arguments, then `evaluate`.
-
-    The intra and ECG5000 parts are skipped (with a note on stderr) when their checkpoint or
-    data is missing; the inter-patient checkpoint is required.
-    """
-    data_dir = D.locate_database("mitdb", args.data_dir, D.DS2)
-    ecg5000_dir = Path(args.ecg5000_dir or data_dir.parent / "ecg5000")
-    optional = {
-        "intra": args.intra_checkpoint,
-        "ecg5000": args.ecg5000_checkpoint,
-        "ECG5000 data": ecg5000_dir / "ECG5000_TEST.tsv",
-    }
-    for name, path in optional.items():
-        if not Path(path).exists():
-            print(f"evaluate: {path} not found, skipping the {name} part", file=sys.stderr)
-    found = {name: Path(path).exists() for name, path in optional.items()}
-    return evaluate(
-        args.out,
-        data_dir,
-        ecg5000_dir if found["ECG5000 data"] else None,
-        args.inter_checkpoint,
-        args.intra_checkpoint if found["intra"] else None,
-        args.ecg5000_checkpoint if found["ecg5000"] else None,
-        args.max_beats,
-        args.seed,
-        not args.no_progress,
-    )
-
-
-def main(argv=None) -> int:
-    """`ecg-stream evaluate --out DIR`."""
-    args = build_parser().parse_args(argv)
-    run(args)
-    print(f"wrote {Path(args.out) / 'report.md'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -90,10 +90,9 @@ def checkpoint_version(path: Path) -> str | None:
 
 def version_line() -> str:
     """`ecg-stream <version> (model <version of the packaged weights>)`."""
-    import models
+    from models.config import DEFAULT_CHECKPOINT
 
-    weights = Path(models.__file__).parent / "weights" / "ecgnet-ds1.pt"
-    model = checkpoint_version(weights)
+    model = checkpoint_version(DEFAULT_CHECKPOINT)
     return f"ecg-stream {package_version()}" + (f" (model {model})" if model else "")
 
 
@@ -312,9 +311,9 @@ def user_error(exc: Exception) -> tuple[int, str] | None:
     from kafka.errors import KafkaTimeoutError
 
     from models.data import DataNotFoundError
-    from stream.tooling.broker import BrokerError
     from stream.kafka import KafkaUnreachable, TopicNotFound
     from stream.model_process import ModelProcessError
+    from stream.tooling.broker import BrokerError
 
     if isinstance(exc, ConfigError):
         return EXIT_USAGE, str(exc)
@@ -376,13 +375,13 @@ def cmd_train(cfg, args):
 
 
 def cmd_evaluate(cfg, args):
-    from stream.evaluation import run_evaluation
+    from stream.evaluate_offline import run_evaluation
 
     run_evaluation(cfg, Path(args.out), args.max_beats)
 
 
 def cmd_evaluate_events(cfg, args):
-    from stream.evaluation import run_event_evaluation
+    from stream.evaluate_offline import run_event_evaluation
 
     run_event_evaluation(cfg, Path(args.out))
     print(f"wrote {Path(args.out) / 'report.md'}")
@@ -448,7 +447,7 @@ def cmd_worker(cfg, args):
 
 
 def cmd_evaluate_live(cfg, args):
-    from stream.evaluator import LiveEvaluator
+    from stream.evaluate_live import LiveEvaluator
     from stream.kafka import ensure_topics
     from stream.metrics import EvaluatorMetrics, serve
 

@@ -11,14 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import models
 from models.batches import ModelBatch, Repair
+from models.config import DEFAULT_CHECKPOINT
 from models.data import BEAT_LEN
 from models.model import EcgNet, load_checkpoint, repair, trace_repair, unknown_context
 from models.templates import TemplateSpec, TemplateStore
 from stream.config import WorkerConfig
-
-DEFAULT_CHECKPOINT = Path(models.__file__).parent / "weights" / "ecgnet-ds1.pt"
 
 
 def padded_rows(n: int) -> int:

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from models import data as D
+from models.config import DEFAULT_CHECKPOINT
 from stream.config import Config, embedded_profile, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT / "models" / "weights"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
@@ -58,7 +58,7 @@ def ecg5000_dir(data_dir) -> Path:
 @pytest.fixture(scope="session")
 def checkpoint() -> Path:
     """The committed production checkpoint."""
-    path = WEIGHTS / "ecgnet-ds1.pt"
+    path = DEFAULT_CHECKPOINT
     require(path.exists(), f"committed checkpoint missing: {path} (run make train)")
     return path
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from stream.tooling.bench import BATCH_SIZES, SIZED_PARTITIONS, run_benchmarks
 from stream.config import load_config
+from stream.tooling.bench import BATCH_SIZES, SIZED_PARTITIONS, run_benchmarks
 
 
 def test_quick_bench_reports_every_phase(data_dir, checkpoint, tmp_path):

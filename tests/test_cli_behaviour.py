@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from stream import cli
-from stream.tooling.broker import free_port
 from stream.config import KafkaConfig
 from stream.kafka import KafkaUnreachable, admin_client, check_reachable
+from stream.tooling.broker import free_port
 from tests.conftest import require
 from tests.helpers import ROOT
 
@@ -47,8 +47,8 @@ def closed_port() -> int:
 
 
 def test_version_names_the_package_and_the_packaged_model_without_torch():
+    from models.config import DEFAULT_CHECKPOINT
     from models.model import load_checkpoint
-    from stream.engine import DEFAULT_CHECKPOINT
 
     proc = ecg_stream("--version")
     _, meta = load_checkpoint(DEFAULT_CHECKPOINT)

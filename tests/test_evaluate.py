@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from models import evaluate as E
+from models.config import CHECKPOINTS  # the committed models/weights/*.pt
 
-CHECKPOINTS = E.DEFAULT_CHECKPOINTS  # the committed models/weights/*.pt
 SMOKE_BEATS = 400
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stream.tooling.broker import free_port
 from stream.metrics import EvaluatorMetrics, WorkerMetrics, serve
+from stream.tooling.broker import free_port
 from tests.conftest import require_binary
 from tests.test_prometheus_live import query, start_prometheus
 

@@ -12,7 +12,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from stream.evaluator import LiveEvaluator
+from stream.evaluate_live import LiveEvaluator
 from stream.kafka import CachedKeyPartitioner, ensure_topics
 from stream.tail import tail
 from tests.helpers import (

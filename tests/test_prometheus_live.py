@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stream.tooling.broker import free_port, wait_for_port
-from stream.evaluator import LiveEvaluator
+from stream.evaluate_live import LiveEvaluator
 from stream.kafka import ensure_topics, make_producer
 from stream.metrics import SimulatorMetrics, serve
+from stream.tooling.broker import free_port, wait_for_port
 from tests.conftest import require_binary
 from tests.helpers import scrape, start_workers, stop_workers, wait_for_metrics
 

@@ -22,8 +22,8 @@ from types import SimpleNamespace
 import pytest
 from kafka.future import Future
 
-from stream.tooling.broker import EmbeddedBroker, free_port, wait_for_port
 from stream.kafka import ensure_topics
+from stream.tooling.broker import EmbeddedBroker, free_port, wait_for_port
 from tests.conftest import require, unique_topics_config
 from tests.helpers import (
     TopicFollower,

@@ -22,7 +22,7 @@ import numpy as np
 from models.data import DataNotFoundError
 from simulator.run import data_source
 from stream.config import Config, embedded_profile
-from stream.evaluator import LiveEvaluator
+from stream.evaluate_live import LiveEvaluator
 from stream.kafka import ensure_topics, scan_topic
 from stream.metrics import EvaluatorMetrics, SimulatorMetrics, serve
 from stream.tooling.broker import EmbeddedBroker, free_port

@@ -9,10 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from models import data as D
+from models.config import CHECKPOINTS, DEFAULT_CHECKPOINT
 from stream.config import Config, resolve_data_dirs
-from stream.engine import DEFAULT_CHECKPOINT
-
-WEIGHTS = DEFAULT_CHECKPOINT.parent
 
 
 def run_evaluation(cfg: Config, out: Path, max_beats: int = 0) -> dict:
@@ -25,13 +23,11 @@ def run_evaluation(cfg: Config, out: Path, max_beats: int = 0) -> dict:
     if ecg5000 is None or not (ecg5000 / "ECG5000_TEST.tsv").exists():
         raise D.DataNotFoundError("ECG5000 not found: set data.ecg5000_dir (ECG5000_DIR)")
     inter = Path(cfg.model.checkpoint or DEFAULT_CHECKPOINT)
-    for path in (inter, WEIGHTS / "ecgnet-intra.pt"):
+    for path in (inter, CHECKPOINTS["intra"]):
         if not path.exists():
             raise FileNotFoundError(f"checkpoint not found: {path} (run make train)")
-    ae = Path(cfg.model.ecg5000_checkpoint or WEIGHTS / "ecg5000-ae.pt")
-    return evaluate(
-        out, data_dir, ecg5000, inter, WEIGHTS / "ecgnet-intra.pt", ae, max_beats=max_beats
-    )
+    ae = Path(cfg.model.ecg5000_checkpoint or CHECKPOINTS["ecg5000"])
+    return evaluate(out, data_dir, ecg5000, inter, CHECKPOINTS["intra"], ae, max_beats=max_beats)
 
 
 def simulator_dropout(cfg: Config):
