@@ -218,7 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--port", type=port_number, help="loopback port to listen on (default: a free one)"
     )
-    add("config", "print the effective configuration as JSON")
+    p = add("config", "print the effective configuration as JSON")
+    p.add_argument(
+        "--defaults", action="store_true", help="print the documented defaults.yaml instead"
+    )
     return parser
 
 
@@ -501,7 +504,12 @@ def cmd_broker(cfg, args):
 
 
 def cmd_config(cfg, args):
-    print(json.dumps(as_dict(cfg), indent=2))
+    if args.defaults:
+        from stream.config_reference import render_defaults
+
+        print(render_defaults(), end="")
+    else:
+        print(json.dumps(as_dict(cfg), indent=2))
 
 
 COMMANDS = {

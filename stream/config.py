@@ -1,7 +1,9 @@
 """One configuration source: YAML -> dataclasses, then environment, then CLI overrides.
 
-Precedence (last wins): the packaged `defaults.yaml`, a user YAML file (`--config` or
-ECG_CONFIG), environment variables `ECG_<SECTION>__<KEY>` (for example
+The dataclasses below declare every setting once: its type, its bounds (`Range`), its
+default and, in the comment beside it, its meaning; `stream/defaults.yaml` is generated from
+them (`ecg-stream config --defaults`). Precedence (last wins): those defaults, a user YAML
+file (`--config` or ECG_CONFIG), environment variables `ECG_<SECTION>__<KEY>` (for example
 `ECG_WORKER__MAX_BATCH=512`), a few short aliases (ECG_DATA_DIR, ECG_BOOTSTRAP_SERVERS, ...)
 and finally `--set section.key=value` flags. Unknown keys, wrong types and out-of-range values
 raise ConfigError naming the key.
@@ -15,59 +17,74 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import yaml
 
 from models.config import TrainConfig
 from models.episodes import EpisodeConfig
 
-DEFAULTS = Path(__file__).with_name("defaults.yaml")
+DEFAULTS = Path(__file__).with_name("defaults.yaml")  # generated: `ecg-stream config --defaults`
 
 
 class ConfigError(ValueError):
     """A configuration problem, reported as one line naming the key."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """Inclusive bounds of a numeric setting, declared in its type:
+    `max_batch: Annotated[int, Range(1, 65536)] = 256`."""
+
+    lo: float
+    hi: float
+
+
 @dataclass
 class DataConfig:
-    mitdb_dir: str = ""  # empty: user cache, downloading from PhysioNet if needed
-    nstdb_dir: str = ""  # empty: a sibling 'nstdb' of mitdb_dir, else the cache
-    ecg5000_dir: str = ""  # empty: a sibling 'ecg5000' of mitdb_dir
-    download: bool = True
+    mitdb_dir: str = ""  # MIT-BIH directory (ECG_DATA_DIR); empty: cache, else PhysioNet download
+    nstdb_dir: str = ""  # noise records bw/em/ma; empty: sibling 'nstdb' of mitdb_dir
+    ecg5000_dir: str = ""  # UCR ECG5000; empty: sibling 'ecg5000' of mitdb_dir
+    download: bool = True  # download from PhysioNet with wfdb when not found
 
 
 @dataclass
 class ModelConfig:
-    checkpoint: str = ""  # empty: the packaged models/weights/ecgnet-ds1.pt
-    ecg5000_checkpoint: str = ""
-    torch_threads: int = 1
-    separate_process: bool = True  # the worker runs the model in a child process
+    checkpoint: str = ""  # empty: packaged models/weights/ecgnet-ds1.pt (ECG_CHECKPOINT)
+    ecg5000_checkpoint: str = ""  # empty: packaged models/weights/ecg5000-ae.pt
+    # the worker's other core runs Kafka I/O beside the model (measured faster)
+    torch_threads: Annotated[int, Range(1, 256)] = 1
+    # worker: the model in its own process, beside the Kafka I/O process
+    separate_process: bool = True
 
 
 @dataclass
 class KafkaConfig:
-    bootstrap_servers: str = ""  # empty: start the embedded broker (tests, demo)
+    # host:port[,host:port]; empty: embedded broker (ECG_BOOTSTRAP_SERVERS)
+    bootstrap_servers: str = ""
     client_id: str = "ecg-stream"
     security_protocol: str = "PLAINTEXT"  # PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL
     sasl_mechanism: str = ""  # PLAIN, SCRAM-SHA-256, SCRAM-SHA-512
     sasl_username: str = ""
-    sasl_password_file: str = ""  # the password comes from this file or ECG_KAFKA_SASL_PASSWORD
+    sasl_password_file: str = ""  # or env ECG_KAFKA_SASL_PASSWORD; never put secrets here
     ssl_cafile: str = ""
     ssl_certfile: str = ""
     ssl_keyfile: str = ""
-    partitions: int = 6
-    replication_factor: int = 1
-    session_timeout_ms: int = 10000  # real Kafka refuses < 6000; the embedded profile uses 2000
-    heartbeat_interval_ms: int = 3000
-    max_poll_interval_ms: int = 60000
-    linger_ms: int = 5
-    producer_batch_bytes: int = 262144
+    partitions: Annotated[int, Range(1, 10000)] = 6  # caps the number of busy workers
+    replication_factor: Annotated[int, Range(1, 10)] = 1  # use 3 on a real cluster
+    # real Kafka refuses < 6000; embedded profile uses 2000
+    session_timeout_ms: Annotated[int, Range(1000, 3600000)] = 10000
+    heartbeat_interval_ms: Annotated[int, Range(100, 600000)] = 3000
+    max_poll_interval_ms: Annotated[int, Range(1000, 86400000)] = 60000
+    linger_ms: Annotated[int, Range(0, 60000)] = 5
+    producer_batch_bytes: Annotated[int, Range(1024, 10**9)] = 262144
     compression: str = "none"  # none, gzip, snappy, lz4, zstd
-    max_poll_records: int = 1024
-    max_partition_fetch_bytes: int = 8388608
-    fetch_max_wait_ms: int = 10  # how long the broker may hold a fetch that has no data
-    request_timeout_ms: int = 30000
-    reconnect_backoff_max_ms: int = 5000
+    max_poll_records: Annotated[int, Range(1, 100000)] = 1024
+    max_partition_fetch_bytes: Annotated[int, Range(1024, 10**9)] = 8388608
+    # broker may hold an empty fetch this long (latency floor)
+    fetch_max_wait_ms: Annotated[int, Range(0, 60000)] = 10
+    request_timeout_ms: Annotated[int, Range(1000, 3600000)] = 30000
+    reconnect_backoff_max_ms: Annotated[int, Range(0, 3600000)] = 5000
 
 
 @dataclass
@@ -77,39 +94,43 @@ class TopicsConfig:
     repaired: str = "ecg.beats.repaired"
     alerts: str = "ecg.alerts"
     dlq: str = "ecg.beats.dlq"
-    events: str = "ecg.events"
-    rhythm_state: str = "ecg.rhythm.state"  # compacted changelog of the rhythm stage
+    events: str = "ecg.events"  # rhythm episodes: open / update / close
+    rhythm_state: str = "ecg.rhythm.state"  # compacted changelog of the rhythm stage (internal)
 
 
 @dataclass
 class DropoutConfig:
-    block_prob: float = 0.1  # the reference block, samples 100-137
-    gap_prob: float = 0.3  # one contiguous gap of gap_min..gap_max of the beat
-    gap_min: float = 0.05
-    gap_max: float = 0.40
-    burst_prob: float = 0.2  # Gilbert-Elliott packet loss
-    burst_enter: float = 0.05
-    burst_leave: float = 0.2
-    drop_prob: float = 0.1  # independent sample drops at drop_rate
-    drop_rate: float = 0.05
-    lost_beat_prob: float = 0.005  # a whole beat never sent (its seq is skipped)
-    noise: str = ""  # '', bw, em, ma (nstdb), added at noise_snr_db
+    block_prob: Annotated[float, Range(0, 1)] = 0.1  # reference block, samples 100-137
+    # one contiguous gap of gap_min..gap_max of the beat
+    gap_prob: Annotated[float, Range(0, 1)] = 0.3
+    gap_min: Annotated[float, Range(0, 1)] = 0.05
+    gap_max: Annotated[float, Range(0, 1)] = 0.40
+    burst_prob: Annotated[float, Range(0, 1)] = 0.2  # Gilbert-Elliott packet loss
+    burst_enter: Annotated[float, Range(0, 1)] = 0.05
+    burst_leave: Annotated[float, Range(0, 1)] = 0.2
+    drop_prob: Annotated[float, Range(0, 1)] = 0.1  # independent sample drops at drop_rate
+    drop_rate: Annotated[float, Range(0, 1)] = 0.05
+    lost_beat_prob: Annotated[float, Range(0, 1)] = 0.005  # whole beat never sent (seq skipped)
+    noise: str = ""  # '', bw, em, ma: nstdb noise at noise_snr_db
     noise_snr_db: float = 12.0
 
 
 @dataclass
 class SimulatorConfig:
-    patients: int = 16
-    records: list[str] = field(default_factory=list)  # empty: DS2 records
-    speed: float = 10.0  # 1 = real time, 0 = as fast as possible
-    rate: float = 0.0  # > 0: total beats/s, overriding speed
+    # virtual patients cycling through the records with time offsets
+    patients: Annotated[int, Range(1, 1000000)] = 16
+    records: list[str] = field(default_factory=list)  # empty: the DS2 (test) records
+    speed: Annotated[float, Range(0, 10000)] = 10.0  # 1 = real time, 0 = as fast as possible
+    # > 0: total beats/s (benchmarks), overrides speed
+    rate: Annotated[float, Range(0, 10**7)] = 0.0
     seed: int = 0
-    duration_s: float = 0.0  # 0: no limit
-    beats: int = 0  # 0: no limit
+    duration_s: Annotated[float, Range(0, 10**9)] = 0.0  # 0: no limit
+    beats: Annotated[int, Range(0, 10**12)] = 0  # 0: no limit
     truth: bool = False  # evaluation mode: ground truth to the truth topic
-    max_buffered: int = 100000  # beats held while the broker is unreachable
-    metrics_port: int = 0  # 0: no metrics endpoint
-    synthetic: bool = False  # replay synthetic beats (no MIT-BIH data), clearly labelled
+    # beats held while the broker is unreachable
+    max_buffered: Annotated[int, Range(1, 10**8)] = 100000
+    metrics_port: Annotated[int, Range(0, 65535)] = 0  # 0: no metrics endpoint
+    synthetic: bool = False  # replay synthetic beats instead of MIT-BIH (labelled as such)
     dropout: DropoutConfig = field(default_factory=DropoutConfig)
 
 
@@ -117,31 +138,46 @@ class SimulatorConfig:
 class WorkerConfig:
     group_id: str = "ecg-stream-workers"
     worker_id: str = ""  # empty: hostname-pid
-    max_batch: int = 256
-    max_wait_ms: int = 1  # see defaults.yaml
-    unrecoverable_fraction: float = 0.6  # more missing than this: unrecoverable, not invented
-    max_message_bytes: int = 65536
+    max_batch: Annotated[int, Range(1, 65536)] = 256
+    # batching window while the model is idle; busy: batches grow by themselves
+    max_wait_ms: Annotated[int, Range(0, 60000)] = 1
+    # beats missing more than this are flagged, not invented
+    unrecoverable_fraction: Annotated[float, Range(0, 1)] = 0.6
+    max_message_bytes: Annotated[int, Range(1024, 10**8)] = 65536  # checked before parsing JSON
+    # Per-beat alerts on ecg.alerts: by default only what no other message says (which seqs never
+    # arrived). Rhythm episodes (ecg.events) replace the per-beat arrhythmia alerts and runs of
+    # unrecoverable beats; every beat's class, anomaly flag and status stay on ecg.beats.repaired.
+    # Add anomaly, arrhythmia or unrecoverable here to get them back.
     beat_alerts: list[str] = field(default_factory=lambda: ["lost_beats"])
+    # classes of the opt-in per-beat arrhythmia alert
     alert_classes: list[str] = field(default_factory=lambda: ["S", "V", "F", "Q"])
-    min_alert_probability: float = 0.5
-    snapshot_interval_s: float = 10.0  # patient time between rhythm snapshots when idle
-    max_patients: int = 8000  # per worker; above it the least recently seen is evicted
-    patient_idle_s: float = 3600.0  # a patient with no beat for this long is forgotten
-    max_clock_lead_s: float = 86400.0  # a timestamp further ahead of the worker's clock: DLQ
-    warmup_records: int = 5000  # raw records before a new partition's start re-read (0: off)
+    min_alert_probability: Annotated[float, Range(0, 1)] = 0.5
+    # rhythm snapshot of a quiet patient at most this often (its clock)
+    snapshot_interval_s: Annotated[float, Range(0.1, 86400)] = 10.0
+    # patients held per worker (~60 KB each); least recent evicted
+    max_patients: Annotated[int, Range(1, 10**8)] = 8000
+    # forget a patient with no beat for this long (wall clock)
+    patient_idle_s: Annotated[float, Range(1, 10**8)] = 3600.0
+    # A timestamp further than this ahead of the worker's clock goes to the DLQ (bad_timestamp).
+    # Generous because the simulator replays records faster than real time; for devices streaming
+    # live, 60-300 s catches clocks gone wrong sooner.
+    max_clock_lead_s: Annotated[float, Range(1, 10**10)] = 86400.0
+    # On assignment, re-read this many raw records before the partition's start to rebuild its
+    # patients' templates and RR history (the raw topic is their changelog); 0: start cold.
+    warmup_records: Annotated[int, Range(0, 10**7)] = 5000
 
 
 @dataclass
 class MetricsConfig:
     host: str = "0.0.0.0"
-    port: int = 9108  # 0: no endpoint
+    port: Annotated[int, Range(0, 65535)] = 9108  # 0: no endpoint
 
 
 @dataclass
 class EvaluatorConfig:
     group_id: str = "ecg-stream-evaluator"
-    metrics_port: int = 9109
-    max_pending: int = 200000
+    metrics_port: Annotated[int, Range(0, 65535)] = 9109
+    max_pending: Annotated[int, Range(1, 10**9)] = 200000
 
 
 @dataclass
@@ -167,55 +203,6 @@ ENV_ALIASES = {
     "ECG_CHECKPOINT": "model.checkpoint",
 }
 
-# (key, lower, upper) bounds checked after every override.
-RANGES = [
-    ("kafka.partitions", 1, 10000),
-    ("kafka.replication_factor", 1, 10),
-    ("kafka.session_timeout_ms", 1000, 3600000),
-    ("kafka.heartbeat_interval_ms", 100, 600000),
-    ("kafka.max_poll_records", 1, 100000),
-    ("kafka.fetch_max_wait_ms", 0, 60000),
-    ("kafka.max_poll_interval_ms", 1000, 86400000),
-    ("kafka.linger_ms", 0, 60000),
-    ("kafka.producer_batch_bytes", 1024, 10**9),
-    ("kafka.max_partition_fetch_bytes", 1024, 10**9),
-    ("kafka.request_timeout_ms", 1000, 3600000),
-    ("kafka.reconnect_backoff_max_ms", 0, 3600000),
-    ("model.torch_threads", 1, 256),
-    ("simulator.patients", 1, 1000000),
-    ("simulator.speed", 0, 10000),
-    ("simulator.rate", 0, 10000000),
-    ("simulator.max_buffered", 1, 100000000),
-    ("simulator.duration_s", 0, 10**9),
-    ("simulator.beats", 0, 10**12),
-    ("worker.max_batch", 1, 65536),
-    ("worker.max_wait_ms", 0, 60000),
-    ("worker.unrecoverable_fraction", 0, 1),
-    ("worker.max_message_bytes", 1024, 100000000),
-    ("worker.min_alert_probability", 0, 1),
-    ("worker.snapshot_interval_s", 0.1, 86400),
-    ("worker.max_patients", 1, 10**8),
-    ("worker.patient_idle_s", 1, 10**8),
-    ("worker.max_clock_lead_s", 1, 10**10),
-    ("worker.warmup_records", 0, 10**7),
-    ("metrics.port", 0, 65535),
-    ("evaluator.metrics_port", 0, 65535),
-    ("simulator.metrics_port", 0, 65535),
-    ("evaluator.max_pending", 1, 10**9),
-]
-PROBABILITIES = (
-    "block_prob",
-    "gap_prob",
-    "gap_min",
-    "gap_max",
-    "burst_prob",
-    "burst_enter",
-    "burst_leave",
-    "drop_prob",
-    "drop_rate",
-    "lost_beat_prob",
-)
-
 
 def load_config(
     path: str | os.PathLike | None = None,
@@ -225,7 +212,6 @@ def load_config(
     """Build the configuration from defaults, a YAML file, the environment and overrides."""
     env = os.environ if env is None else env
     cfg = Config()
-    apply_mapping(cfg, _read_yaml(DEFAULTS), "")
     user_file = path or env.get("ECG_CONFIG")
     if user_file:
         apply_mapping(cfg, _read_yaml(Path(user_file)), "")
@@ -333,6 +319,18 @@ def coerce(value, kind, key: str):
     raise ConfigError(f"{key}: unsupported type {kind}")
 
 
+def _ranged_values(obj, prefix: str):
+    """(dotted key, value, Range) of every field declared with a Range, nested ones too."""
+    hints = typing.get_type_hints(type(obj), include_extras=True)
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _ranged_values(value, f"{prefix}{f.name}.")
+        for bound in getattr(hints[f.name], "__metadata__", ()):
+            if isinstance(bound, Range):
+                yield f"{prefix}{f.name}", value, bound
+
+
 def get_value(cfg: Config, dotted: str):
     """Read a dotted key."""
     target = cfg
@@ -342,15 +340,10 @@ def get_value(cfg: Config, dotted: str):
 
 
 def validate(cfg: Config) -> None:
-    """Range checks; raise ConfigError naming the key."""
-    for key, lo, hi in RANGES:
-        value = get_value(cfg, key)
-        if not lo <= value <= hi:
-            raise ConfigError(f"{key} = {value} is out of range [{lo}, {hi}]")
-    for name in PROBABILITIES:
-        value = getattr(cfg.simulator.dropout, name)
-        if not 0 <= value <= 1:
-            raise ConfigError(f"simulator.dropout.{name} = {value} must be in [0, 1]")
+    """Every field's Range, then the checks across fields; raise ConfigError naming the key."""
+    for key, value, bounds in _ranged_values(cfg, ""):
+        if not bounds.lo <= value <= bounds.hi:
+            raise ConfigError(f"{key} = {value} is out of range [{bounds.lo}, {bounds.hi}]")
     if cfg.simulator.dropout.gap_min > cfg.simulator.dropout.gap_max:
         raise ConfigError("simulator.dropout.gap_min must not exceed gap_max")
     if cfg.simulator.dropout.noise not in ("", "bw", "em", "ma"):

@@ -26,8 +26,23 @@ def run_cli(*args, env=None):
     )
 
 
-def test_packaged_yaml_documents_every_default():
-    assert load_config(env={}) == Config()
+def test_defaults_yaml_is_generated_from_the_dataclasses():
+    """One declaration: the packaged YAML is rendered from the dataclasses and loads back to
+    exactly the defaults (regenerate with `ecg-stream config --defaults`)."""
+    from stream.config import DEFAULTS
+    from stream.config_reference import render_defaults
+
+    assert DEFAULTS.read_text() == render_defaults(), "run: ecg-stream config --defaults"
+    assert load_config(DEFAULTS, env={}) == load_config(env={}) == Config()
+    assert "  max_batch: 256\n" in DEFAULTS.read_text()
+    assert "# On assignment, re-read this many raw records" in DEFAULTS.read_text()
+
+
+def test_a_range_declared_beside_a_field_is_enforced():
+    with pytest.raises(ConfigError, match=r"worker.warmup_records = -1 is out of range \[0, "):
+        load_config(overrides=["worker.warmup_records=-1"], env={})
+    with pytest.raises(ConfigError, match=r"simulator.dropout.drop_rate = 2.0 is out of range"):
+        load_config(overrides=["simulator.dropout.drop_rate=2"], env={})
 
 
 def test_precedence_yaml_env_cli(tmp_path):
