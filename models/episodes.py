@@ -186,6 +186,54 @@ class Run:
 
 
 @dataclass
+class Runs:
+    """The current ventricular and supraventricular runs, and the episodes they make:
+    couplets, runs and ventricular tachycardia; supraventricular tachycardia (SVTA)."""
+
+    v: Run = field(default_factory=Run)
+    s: Run = field(default_factory=Run)
+
+    def observe(self, beat: Beat, rr: float | None, book: EpisodeBook, c: EpisodeConfig):
+        for label in ("V", "S"):
+            run = self.v if label == "V" else self.s
+            if beat.label != label or not run.extend(beat, rr):
+                self._ended(label, run, book)
+                run = Run()
+                if beat.label == label:
+                    run.extend(beat, rr)
+                if label == "V":
+                    self.v = run
+                else:
+                    self.s = run
+        v, s = self.v, self.s
+        if vt := book.open.get("ventricular_tachycardia"):
+            if v.count:
+                vt.add(beat, rr)
+        elif v.count >= c.vt_beats or (v.count >= 3 and (v.rate_bpm() or 0) >= c.vt_rate_bpm):
+            book.start_run("ventricular_tachycardia", v, {}, v.confidence())
+        if svta := book.open.get("svta"):
+            if s.count:
+                svta.add(beat, rr)
+        elif (
+            s.count >= c.svta_beats
+            and (s.rate_bpm() or 0) >= c.svta_rate_bpm
+            and "atrial_fibrillation" not in book.open
+        ):
+            book.start_run("svta", s, {}, s.confidence())
+
+    @staticmethod
+    def _ended(label: str, run: Run, book: EpisodeBook) -> None:
+        """A run ended before this beat: close its episode, or report a short run whole."""
+        if label == "S":
+            if "svta" in book.open:
+                book.close("svta", run.end_time)
+        elif "ventricular_tachycardia" in book.open:
+            book.close("ventricular_tachycardia", run.end_time)
+        elif run.count >= 2:
+            book.whole_run("ventricular_couplet" if run.count == 2 else "ventricular_run", run)
+
+
+@dataclass
 class Chain:
     """V beats every `period` beats (bigeminy: 2, trigeminy: 3)."""
 
@@ -197,6 +245,37 @@ class Chain:
     last_match_seq: int = -100  # the last V that kept the pattern
     last_match_time: float = 0.0
     confidence_sum: float = 0.0
+
+    def observe(self, name: str, beat: Beat, rr: float | None, book: EpisodeBook, cycles: int):
+        """Bigeminy and trigeminy: a V every 2nd / 3rd beat. While open, a V where the
+        pattern expects one keeps it (one missed V does not split it); two missed close it."""
+        ep = book.open.get(name)
+        if ep is not None:
+            ep.add(beat, rr)
+        if beat.label == "V":
+            on_beat = ep is not None and (beat.seq - self.last_match_seq) % self.period == 0
+            if beat.seq - self.last_v_seq == self.period or on_beat:
+                self.count += 1
+                self.confidence_sum += beat.confidence
+                self.last_match_seq, self.last_match_time = beat.seq, beat.time
+            else:
+                self.count, self.first_seq, self.start_time = 1, beat.seq, beat.time
+                self.confidence_sum = beat.confidence
+            self.last_v_seq = beat.seq
+            if ep is None and self.count >= cycles:
+                ep = book.start(
+                    name,
+                    Beat(self.first_seq, self.start_time, None),
+                    self.confidence_sum / self.count,
+                    {},
+                    beats=beat.seq - self.first_seq + 1,
+                    last_seq=beat.seq,
+                    end_time=beat.time,
+                )
+        if ep is not None and beat.seq - self.last_match_seq > 2 * self.period:
+            ep.last_seq = self.last_match_seq
+            ep.beats = ep.last_seq - ep.first_seq + 1
+            book.close(name, self.last_match_time)
 
 
 @dataclass
@@ -231,70 +310,160 @@ def irregular_steps(rr: list[float], delta: float) -> list[bool]:
     return [abs(b - a) > scale for a, b in zip(rr, rr[1:])]
 
 
+class EpisodeBook:
+    """One patient's open episodes, and the events of the beat being taken: how an episode
+    opens, is closed, or is reported whole (the detectors of PatientRhythm decide when)."""
+
+    def __init__(self, patient_id: str):
+        self.patient_id = patient_id
+        self.open: dict[str, Episode] = {}
+        self.events: list[Event] = []
+
+    def start(self, name: str, first: Beat, confidence: float, detail: dict, **fields):
+        """Open an episode from `first` (`fields`: its other Episode fields so far)."""
+        ep = self.episode(name, first, confidence, detail)
+        for key, value in fields.items():
+            setattr(ep, key, value)
+        self.open[name] = ep
+        self.emit("open", ep)
+        return ep
+
+    def episode(self, name: str, first: Beat, confidence: float, detail: dict) -> Episode:
+        return Episode(
+            f"{self.patient_id}/{name}/{round(first.time * 1000)}",  # seqs restart on resets
+            name,
+            first.time,
+            first.time,
+            first.seq,
+            first.seq,
+            beats=1,
+            confidence=round(confidence, 3),
+            updated_at=first.time,
+            detail=detail,
+        )
+
+    def start_run(self, name: str, run: Run, detail: dict, confidence: float) -> Episode:
+        return self.start(
+            name,
+            Beat(run.first_seq, run.start_time, None),
+            confidence,
+            detail,
+            beats=run.count,
+            last_seq=run.last_seq,
+            end_time=run.end_time,
+            rr_sum=run.rr_sum,
+            rr_count=run.rr_count,
+        )
+
+    def whole_run(self, name: str, run: Run) -> None:
+        """A run reported once it is over (a couplet, a short run): one close event."""
+        ep = self.episode(name, Beat(run.first_seq, run.start_time, None), 0.0, {})
+        ep.beats, ep.last_seq, ep.end_time = run.count, run.last_seq, run.end_time
+        ep.rr_sum, ep.rr_count = run.rr_sum, run.rr_count
+        ep.confidence = round(run.confidence(), 3)
+        self.emit("close", ep, whole=True)
+
+    def start_window(self, name: str, w: Window, k: int, beat: Beat, confidence, **detail):
+        """An episode over a window's intervals k.. up to this beat."""
+        first = w.start_of(k)
+        return self.start(
+            name,
+            first,
+            confidence,
+            detail,
+            rr_sum=sum(w.rr[k:]),
+            rr_count=len(w.rr) - k,
+            beats=beat.seq - first.seq + 1,
+            last_seq=beat.seq,
+            end_time=beat.time,
+        )
+
+    def close(self, name: str, end_time: float) -> None:
+        ep = self.open.pop(name)
+        ep.end_time = max(ep.start_time, end_time)
+        self.emit("close", ep)
+
+    def instant(self, name: str, first: Beat, beat: Beat, rr, detail: dict) -> None:
+        """An episode seen whole at one beat (a pause, a lost stretch): one close event,
+        beside any open episode of the same type."""
+        ep = self.episode(name, first, 1.0, detail)
+        ep.beats, ep.last_seq, ep.end_time = 2, beat.seq, beat.time
+        if rr is not None:
+            ep.rr_sum, ep.rr_count = rr, 1
+        self.emit("close", ep, whole=True)
+
+    def emit(self, kind: str, ep: Episode, whole: bool = False) -> None:
+        self.events.append(Event(kind, dataclasses.replace(ep, detail=dict(ep.detail)), whole))
+
+
 class PatientRhythm:
     """The rhythm stage's state for one patient, fed its beats in seq order."""
 
     def __init__(self, patient_id: str, cfg: EpisodeConfig):
-        self.patient_id = patient_id
-        self.cfg = cfg
+        self.patient_id, self.cfg = patient_id, cfg
         self.last_seq: int | None = None
         self.last_time: float | None = None
         self.last_label: str | None = None
         self.last_ectopic = True  # the previous beat is kept out of the AF test
         self.resumed = False  # restored from a snapshot: a seq gap next is not a loss
-        self.v_run, self.s_run, self.unrecoverable = Run(), Run(), Run()
+        self.runs, self.unrecoverable = Runs(), Run()
         self.chains = {"ventricular_bigeminy": Chain(2), "ventricular_trigeminy": Chain(3)}
         self.af = Window(cfg.af_window)
         self.rate = Window(cfg.rate_beats)
-        self.open: dict[str, Episode] = {}
-        self.events: list[Event] = []
+        self.book = EpisodeBook(patient_id)
+
+    @property
+    def open(self) -> dict[str, Episode]:
+        """The patient's open episodes, by type."""
+        return self.book.open
 
     # ------------------------------------------------------------------ feeding
 
     def observe(self, beat: Beat) -> list[Event]:
         """Take the patient's next beat; returns the events it causes. A beat at or before
         the last seq seen (a replay after a restart) changes nothing."""
-        self.events = []
+        self.book.events = []
         if self.last_seq is not None and beat.seq <= self.last_seq:
             return []
-        silent = self.open.get("signal_loss")
+        silent = self.book.open.get("signal_loss")
         silent = silent is not None and silent.detail.get("cause") == "silent"
         if silent:  # whether the heart paused or the device was away is unknown
-            self._close("signal_loss", beat.time)
+            self.book.close("signal_loss", beat.time)
         rr = None if silent else self._interval(beat)
         self._signal(beat)
         if rr is not None and rr >= self.cfg.pause_s:
-            self._instant("pause", self._previous(), beat, rr, {"rr_s": round(rr, 3)})
+            self.book.instant("pause", self._previous(), beat, rr, {"rr_s": round(rr, 3)})
         self._rate(beat, rr)
         self._atrial_fibrillation(beat, rr)
-        self._runs(beat, rr)
-        self._patterns(beat, rr)
-        for ep in self.open.values():
+        self.runs.observe(beat, rr, self.book, self.cfg)
+        for name, chain in self.chains.items():
+            chain.observe(name, beat, rr, self.book, self.cfg.pattern_cycles)
+        for ep in self.book.open.values():
             if beat.time - ep.updated_at >= self.cfg.update_interval_s:
                 ep.updated_at = beat.time
-                self._emit("update", ep)
+                self.book.emit("update", ep)
         self.last_seq, self.last_time, self.last_label = beat.seq, beat.time, beat.label
         self.resumed = False
-        return self.events
+        return self.book.events
 
     def went_silent(self, silent_for_s: float) -> list[Event]:
         """The caller saw no beat of this patient for `silent_for_s`: signal loss from the
         last beat on, until the next beat arrives."""
-        self.events = []
-        if self.last_seq is None or "signal_loss" in self.open:
+        self.book.events = []
+        if self.last_seq is None or "signal_loss" in self.book.open:
             return []
         detail = {"cause": "silent", "silent_for_s": round(silent_for_s, 1)}
-        self._open("signal_loss", self._previous(), 1.0, detail, beats=0)
-        return self.events
+        self.book.start("signal_loss", self._previous(), 1.0, detail, beats=0)
+        return self.book.events
 
     def close_all(self, reason: str) -> list[Event]:
         """Close every open episode at its last beat (the device was reset: what follows
         is a new recording); `reason` goes into each close's detail as `closed_by`."""
-        self.events = []
-        for name in list(self.open):
-            self.open[name].detail["closed_by"] = reason
-            self._close(name, self.open[name].end_time)
-        return self.events
+        self.book.events = []
+        for name in list(self.book.open):
+            self.book.open[name].detail["closed_by"] = reason
+            self.book.close(name, self.book.open[name].end_time)
+        return self.book.events
 
     def _previous(self) -> Beat:
         return Beat(self.last_seq, self.last_time, self.last_label)
@@ -309,16 +478,16 @@ class PatientRhythm:
             return span
         if lost > 0 and not self.resumed and span >= self.cfg.pause_s:
             detail = {"cause": "lost_beats", "lost": lost, "span_s": round(span, 3)}
-            self._instant("signal_loss", self._previous(), beat, None, detail)
+            self.book.instant("signal_loss", self._previous(), beat, None, detail)
         return None
 
     def _signal(self, beat: Beat) -> None:
         """Unrecoverable beats in a row: signal loss until a beat can be classified again."""
-        ep = self.open.get("signal_loss")
+        ep = self.book.open.get("signal_loss")
         if beat.label is not None:
             self.unrecoverable = Run()
             if ep is not None:
-                self._close("signal_loss", ep.end_time)
+                self.book.close("signal_loss", ep.end_time)
             return
         run = self.unrecoverable
         if not run.extend(beat, None):
@@ -327,7 +496,7 @@ class PatientRhythm:
         if ep is not None:
             ep.add(beat, None)
         elif run.count >= self.cfg.signal_loss_beats:
-            self._open_run("signal_loss", run, {"cause": "unrecoverable"}, 1.0)
+            self.book.start_run("signal_loss", run, {"cause": "unrecoverable"}, 1.0)
 
     def _rate(self, beat: Beat, rr: float | None) -> None:
         """Bradycardia and tachycardia from the median rate of the last intervals."""
@@ -336,7 +505,7 @@ class PatientRhythm:
         w, c = self.rate, self.cfg
         w.push(rr, beat)
         for name in ("bradycardia", "tachycardia"):
-            if ep := self.open.get(name):
+            if ep := self.book.open.get(name):
                 ep.add(beat, rr)
         if not w.full():
             return
@@ -346,15 +515,15 @@ class PatientRhythm:
             "tachycardia": (bpm > c.tachy_bpm, bpm <= c.tachy_bpm - c.rate_hysteresis_bpm),
         }
         for name, (beyond, back) in limits.items():
-            if name in self.open and back:
-                self._close(name, beat.time)
-            elif name not in self.open and beyond:
-                self._open_window(name, w, 0, beat, 1.0)
+            if name in self.book.open and back:
+                self.book.close(name, beat.time)
+            elif name not in self.book.open and beyond:
+                self.book.start_window(name, w, 0, beat, 1.0)
 
     def _atrial_fibrillation(self, beat: Beat, rr: float | None) -> None:
         """Irregularity of the intervals between classified, non-ventricular beats."""
         c, w = self.cfg, self.af
-        ep = self.open.get("atrial_fibrillation")
+        ep = self.book.open.get("atrial_fibrillation")
         if ep is not None:
             ep.add(beat, rr)
         ectopic = beat.label in (None, "V")
@@ -374,161 +543,14 @@ class PatientRhythm:
         usable = len(w.rr) / (w.seqs[-1] - w.seqs[0] + 1)
         if ep is None and share >= c.af_open and usable >= c.af_min_usable:
             first = steps.index(True) + 1
-            self._open_window("atrial_fibrillation", w, first, beat, share, irregular_share=share)
+            self.book.start_window(
+                "atrial_fibrillation", w, first, beat, share, irregular_share=share
+            )
         elif ep is not None:
             ep.confidence = max(ep.confidence, share)
             ep.detail["irregular_share"] = share
             if share < c.af_close:
-                self._close("atrial_fibrillation", w.last_irregular)
-
-    def _runs(self, beat: Beat, rr: float | None) -> None:
-        """Ventricular couplets, runs and tachycardia; supraventricular tachycardia."""
-        c = self.cfg
-        for label in ("V", "S"):
-            run = self.v_run if label == "V" else self.s_run
-            if beat.label != label or not run.extend(beat, rr):
-                self._end_run(label, run)
-                run = Run()
-                if beat.label == label:
-                    run.extend(beat, rr)
-                if label == "V":
-                    self.v_run = run
-                else:
-                    self.s_run = run
-        v, s = self.v_run, self.s_run
-        if vt := self.open.get("ventricular_tachycardia"):
-            if v.count:
-                vt.add(beat, rr)
-        elif v.count >= c.vt_beats or (v.count >= 3 and (v.rate_bpm() or 0) >= c.vt_rate_bpm):
-            self._open_run("ventricular_tachycardia", v, {}, v.confidence())
-        if svta := self.open.get("svta"):
-            if s.count:
-                svta.add(beat, rr)
-        elif (
-            s.count >= c.svta_beats
-            and (s.rate_bpm() or 0) >= c.svta_rate_bpm
-            and "atrial_fibrillation" not in self.open
-        ):
-            self._open_run("svta", s, {}, s.confidence())
-
-    def _end_run(self, label: str, run: Run) -> None:
-        """A run ended before this beat: close its episode, or report a short run whole."""
-        if label == "S":
-            if "svta" in self.open:
-                self._close("svta", run.end_time)
-        elif "ventricular_tachycardia" in self.open:
-            self._close("ventricular_tachycardia", run.end_time)
-        elif run.count >= 2:
-            name = "ventricular_couplet" if run.count == 2 else "ventricular_run"
-            ep = self._episode(name, Beat(run.first_seq, run.start_time, None), 0.0, {})
-            ep.beats, ep.last_seq, ep.end_time = run.count, run.last_seq, run.end_time
-            ep.rr_sum, ep.rr_count = run.rr_sum, run.rr_count
-            ep.confidence = round(run.confidence(), 3)
-            self._emit("close", ep, whole=True)
-
-    def _patterns(self, beat: Beat, rr: float | None) -> None:
-        """Bigeminy and trigeminy: a V every 2nd / 3rd beat. While open, a V where the
-        pattern expects one keeps it (one missed V does not split it); two missed close it."""
-        for name, chain in self.chains.items():
-            ep = self.open.get(name)
-            if ep is not None:
-                ep.add(beat, rr)
-            if beat.label == "V":
-                since = beat.seq - chain.last_match_seq
-                on_beat = ep is not None and since % chain.period == 0
-                if beat.seq - chain.last_v_seq == chain.period or on_beat:
-                    chain.count += 1
-                    chain.confidence_sum += beat.confidence
-                    chain.last_match_seq, chain.last_match_time = beat.seq, beat.time
-                else:
-                    chain.count, chain.first_seq, chain.start_time = 1, beat.seq, beat.time
-                    chain.confidence_sum = beat.confidence
-                chain.last_v_seq = beat.seq
-                if ep is None and chain.count >= self.cfg.pattern_cycles:
-                    first = Beat(chain.first_seq, chain.start_time, None)
-                    ep = self._open(
-                        name,
-                        first,
-                        chain.confidence_sum / chain.count,
-                        {},
-                        beats=beat.seq - chain.first_seq + 1,
-                        last_seq=beat.seq,
-                        end_time=beat.time,
-                    )
-            if ep is not None and beat.seq - chain.last_match_seq > 2 * chain.period:
-                ep.last_seq = chain.last_match_seq
-                ep.beats = ep.last_seq - ep.first_seq + 1
-                self._close(name, chain.last_match_time)
-
-    # ------------------------------------------------------------------ episodes
-
-    def _open(self, name: str, first: Beat, confidence: float, detail: dict, **fields):
-        """Open an episode from `first` (`fields`: its other Episode fields so far)."""
-        ep = self._episode(name, first, confidence, detail)
-        for key, value in fields.items():
-            setattr(ep, key, value)
-        self.open[name] = ep
-        self._emit("open", ep)
-        return ep
-
-    def _episode(self, name: str, first: Beat, confidence: float, detail: dict) -> Episode:
-        return Episode(
-            f"{self.patient_id}/{name}/{round(first.time * 1000)}",  # seqs restart on resets
-            name,
-            first.time,
-            first.time,
-            first.seq,
-            first.seq,
-            beats=1,
-            confidence=round(confidence, 3),
-            updated_at=first.time,
-            detail=detail,
-        )
-
-    def _open_run(self, name: str, run: Run, detail: dict, confidence: float) -> Episode:
-        return self._open(
-            name,
-            Beat(run.first_seq, run.start_time, None),
-            confidence,
-            detail,
-            beats=run.count,
-            last_seq=run.last_seq,
-            end_time=run.end_time,
-            rr_sum=run.rr_sum,
-            rr_count=run.rr_count,
-        )
-
-    def _open_window(self, name: str, w: Window, k: int, beat: Beat, confidence, **detail):
-        """An episode over a window's intervals k.. up to this beat."""
-        first = w.start_of(k)
-        return self._open(
-            name,
-            first,
-            confidence,
-            detail,
-            rr_sum=sum(w.rr[k:]),
-            rr_count=len(w.rr) - k,
-            beats=beat.seq - first.seq + 1,
-            last_seq=beat.seq,
-            end_time=beat.time,
-        )
-
-    def _close(self, name: str, end_time: float) -> None:
-        ep = self.open.pop(name)
-        ep.end_time = max(ep.start_time, end_time)
-        self._emit("close", ep)
-
-    def _instant(self, name: str, first: Beat, beat: Beat, rr, detail: dict) -> None:
-        """An episode seen whole at one beat (a pause, a lost stretch): one close event,
-        beside any open episode of the same type."""
-        ep = self._episode(name, first, 1.0, detail)
-        ep.beats, ep.last_seq, ep.end_time = 2, beat.seq, beat.time
-        if rr is not None:
-            ep.rr_sum, ep.rr_count = rr, 1
-        self._emit("close", ep, whole=True)
-
-    def _emit(self, kind: str, ep: Episode, whole: bool = False) -> None:
-        self.events.append(Event(kind, dataclasses.replace(ep, detail=dict(ep.detail)), whole))
+                self.book.close("atrial_fibrillation", w.last_irregular)
 
     # ------------------------------------------------------------------ snapshots
 
@@ -536,9 +558,9 @@ class PatientRhythm:
         """True while something is in progress (an open episode, a run, a pattern): then a
         lost snapshot would lose more than a few intervals of history."""
         return bool(
-            self.open
-            or self.v_run.count
-            or self.s_run.count
+            self.book.open
+            or self.runs.v.count
+            or self.runs.s.count
             or self.unrecoverable.count
             or any(self.last_seq - c.last_v_seq <= 2 * c.period for c in self.chains.values())
         )
@@ -551,13 +573,13 @@ class PatientRhythm:
             "last_time": self.last_time,
             "last_label": self.last_label,
             "last_ectopic": self.last_ectopic,
-            "v_run": plain(self.v_run),
-            "s_run": plain(self.s_run),
+            "v_run": plain(self.runs.v),
+            "s_run": plain(self.runs.s),
             "unrecoverable": plain(self.unrecoverable),
             "chains": {k: plain(v) for k, v in self.chains.items()},
             "af": plain(self.af),
             "rate": plain(self.rate),
-            "open": {k: plain(v) for k, v in self.open.items()},
+            "open": {k: plain(v) for k, v in self.book.open.items()},
         }
 
     @classmethod
@@ -567,10 +589,10 @@ class PatientRhythm:
         p = cls(patient_id, cfg)
         p.last_seq, p.last_time = state["last_seq"], state["last_time"]
         p.last_label, p.last_ectopic = state["last_label"], state["last_ectopic"]
-        p.v_run, p.s_run = Run(**state["v_run"]), Run(**state["s_run"])
+        p.runs = Runs(Run(**state["v_run"]), Run(**state["s_run"]))
         p.unrecoverable = Run(**state["unrecoverable"])
         p.chains = {k: Chain(**v) for k, v in state["chains"].items()}
         p.af, p.rate = Window(**state["af"]), Window(**state["rate"])
-        p.open = {k: Episode(**v) for k, v in state["open"].items()}
+        p.book.open = {k: Episode(**v) for k, v in state["open"].items()}
         p.resumed = True
         return p
