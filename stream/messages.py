@@ -337,27 +337,18 @@ def truth_beat(
     }
 
 
-def dead_letter(
-    reason: str,
-    detail: str,
-    value: bytes | None,
-    key: bytes | None,
-    topic: str,
-    partition: int,
-    offset: int,
-    worker_id: str,
-    keep_bytes: int,
-) -> dict:
-    """A dead-letter record: the reason and the original bytes (base64, capped)."""
-    value = value or b""
+def dead_letter(rec, bad: InvalidMessage, worker_id: str, keep_bytes: int) -> dict:
+    """The dead letter of a consumed record: the reason and the original bytes (base64,
+    capped at keep_bytes) with where they came from."""
+    value = rec.value or b""
     return {
         "schema_version": SCHEMA_VERSION,
-        "reason": reason,
-        "detail": detail[:500],
-        "topic": topic,
-        "partition": partition,
-        "offset": offset,
-        "key_b64": None if key is None else base64.b64encode(key[:1024]).decode(),
+        "reason": bad.reason,
+        "detail": bad.detail[:500],
+        "topic": rec.topic,
+        "partition": rec.partition,
+        "offset": rec.offset,
+        "key_b64": None if rec.key is None else base64.b64encode(rec.key[:1024]).decode(),
         "payload_b64": base64.b64encode(value[:keep_bytes]).decode(),
         "payload_bytes": len(value),
         "payload_truncated": len(value) > keep_bytes,

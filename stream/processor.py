@@ -19,7 +19,7 @@ from models.batches import ModelBatch, Repair
 from models.data import AAMI_CLASSES, BEAT_LEN
 from models.episodes import Beat
 from stream import messages
-from stream.config import Config
+from stream.config import Config, WorkerConfig
 from stream.messages import ALERT_TYPES, STATUSES, InvalidMessage, RawBeat, Verdict
 from stream.metrics import WorkerMetrics
 from stream.rhythm_stage import RhythmStage
@@ -93,6 +93,19 @@ def resolved(value) -> Future:
     future: Future = Future()
     future.set_result(value)
     return future
+
+
+def verdict_alerts(v: Verdict, w: WorkerConfig) -> list[tuple[str, dict]]:
+    """The per-beat alerts a recoverable beat raises (published only where
+    worker.beat_alerts asks for them: rhythm episodes replace them by default)."""
+    alerts = []
+    if v.flag:
+        alerts.append(
+            ("anomaly", {"score": v.score, "threshold": v.threshold, "beat_class": v.label})
+        )
+    if v.label in w.alert_classes and v.confidence >= w.min_alert_probability:
+        alerts.append(("arrhythmia", {"beat_class": v.label, "probability": v.confidence}))
+    return alerts
 
 
 class Processor:
@@ -193,20 +206,22 @@ class Processor:
         to add once the batch is published."""
         out = batch.out
         self._forget(batch.evicted, out)
-        row = 0
+        row, threshold = 0, self.engine.threshold
         if result is not None:  # Python floats once per batch, not numpy scalars per beat
             probabilities, scores = result.probabilities.tolist(), result.anomaly_score.tolist()
         for a in batch.accepted:
             alerts: list[tuple[str, dict]] = []
             beat = Beat(a.beat.seq, a.beat.timestamp, None)
-            recovered = None
+            verdict = None
             if not a.unrecoverable:
                 probs = probabilities[row]
                 beat.confidence = max(probs)
                 beat.label = AAMI_CLASSES[probs.index(beat.confidence)]
-                recovered = (result.samples[row], beat, probs, scores[row])
+                verdict = Verdict(
+                    result.samples[row], beat.label, beat.confidence, probs, scores[row], threshold
+                )
                 row += 1
-            out.messages.append(self._message(a, recovered, alerts, out.counts))
+            out.messages.append(self._message(a, verdict, alerts, out.counts))
             for kind, detail in alerts:
                 self._alert(out, kind, a.beat, detail)
             if a.admitted.reset:
@@ -246,38 +261,27 @@ class Processor:
 
     def _dead_letter(self, rec, bad: InvalidMessage, out: Output) -> None:
         out.counts[self.metrics.dlq.labels(bad.reason)] += 1
-        letter = messages.dead_letter(
-            bad.reason,
-            bad.detail,
-            rec.value,
-            rec.key,
-            rec.topic,
-            rec.partition,
-            rec.offset,
-            self.worker_id,
-            self.cfg.worker.max_message_bytes,
-        )
+        w = self.cfg.worker
+        letter = messages.dead_letter(rec, bad, self.worker_id, w.max_message_bytes)
         out.messages.append((self.cfg.topics.dlq, rec.key, messages.dumps(letter)))
 
-    def _message(self, a: _Accepted, recovered, alerts: list, counts: Counter):
-        """The repaired-beat message of one accepted beat; its alerts go into `alerts`.
-        `recovered`: the beat's (filled samples, rhythm-stage beat with its class, class
-        probabilities, anomaly score), or None for an unrecoverable beat."""
+    def _message(self, a: _Accepted, verdict: Verdict | None, alerts: list, counts: Counter):
+        """The repaired-beat message of one accepted beat (no verdict: unrecoverable); its
+        alerts go into `alerts`."""
         beat = a.beat
-        verdict = None
         counts[self.metrics.samples_missing] += a.n_missing
-        if recovered is None:
+        if verdict is None:
             fraction = a.n_missing / len(beat.samples)
             limit = self.cfg.worker.unrecoverable_fraction
             alerts.append(
                 ("unrecoverable", {"missing_fraction": round(fraction, 6), "limit": limit})
             )
         else:
-            filled, classified, probs, score = recovered
-            verdict = Verdict(
-                filled, classified.label, classified.confidence, probs, score, self.engine.threshold
-            )
-            self._count_and_alert(verdict, a.n_missing, alerts, counts)
+            counts[self.metrics.samples_imputed] += a.n_missing
+            counts[self.classified[verdict.label]] += 1
+            if verdict.flag:
+                counts[self.anomalies[verdict.label]] += 1
+            alerts += verdict_alerts(verdict, self.cfg.worker)
         body = messages.repaired_beat(
             beat,
             verdict,
@@ -291,19 +295,6 @@ class Processor:
         )
         counts[self.produced[body["status"]]] += 1
         return (self.cfg.topics.repaired, beat.patient_id.encode(), messages.dumps(body))
-
-    def _count_and_alert(self, v: Verdict, n_missing: int, alerts: list, counts: Counter) -> None:
-        """A recoverable beat's metrics, and its anomaly and arrhythmia alerts."""
-        counts[self.metrics.samples_imputed] += n_missing
-        counts[self.classified[v.label]] += 1
-        if v.flag:
-            counts[self.anomalies[v.label]] += 1
-            alerts.append(
-                ("anomaly", {"score": v.score, "threshold": v.threshold, "beat_class": v.label})
-            )
-        w = self.cfg.worker
-        if v.label in w.alert_classes and v.confidence >= w.min_alert_probability:
-            alerts.append(("arrhythmia", {"beat_class": v.label, "probability": v.confidence}))
 
     def _alert(self, out: Output, kind: str, beat: RawBeat, detail: dict) -> None:
         if kind not in self.beat_alerts:
