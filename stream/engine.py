@@ -41,6 +41,9 @@ class Engine:
     runner: torch.jit.ScriptModule = field(init=False, repr=False)  # trace_repair(net)
     templates: TemplateStore = field(init=False, repr=False)  # by slot (the worker's registry)
     executor: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
+    # Beats/s of one pass at the largest batch, measured by warm_up on this machine's CPU:
+    # what sizing should start from (the same network runs several times slower on some CPUs).
+    throughput: float = field(default=0.0, init=False)
 
     def __post_init__(self):
         self.runner = trace_repair(self.net)
@@ -114,13 +117,16 @@ class Engine:
         return Repair(result.samples[:n], result.probabilities[:n], result.anomaly_score[:n])
 
     def warm_up(self, max_batch: int = WorkerConfig.max_batch) -> None:
-        """Two throwaway passes at every padded size up to max_batch (~1.2 s for 256), so no
-        real batch pays for first-time initialisation (oneDNN kernels per batch shape,
-        TorchScript's optimisation of the graph on its first calls)."""
+        """Two throwaway passes at every padded size up to max_batch, so no real batch pays
+        for first-time initialisation (oneDNN kernels per batch shape, TorchScript's
+        optimisation of the graph on its first calls). The second pass at the largest size
+        gives `throughput`."""
         for rows in sorted({padded_rows(n) for n in range(1, max_batch + 1)}):
             beats = np.zeros((rows, BEAT_LEN), np.float32)
             for _ in range(2):
+                started = time.perf_counter()
                 self.repair(beats, np.zeros_like(beats, bool), beats, np.full(rows, BEAT_LEN))
+            self.throughput = rows / max(time.perf_counter() - started, 1e-9)
 
     def close(self) -> None:
         """Stop the inference thread (batches not started yet are dropped)."""

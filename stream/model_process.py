@@ -55,6 +55,7 @@ class ModelProcess:
     ):
         if checkpoint and not Path(checkpoint).is_file():  # before a process is started
             raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+        self._max_batch = max_batch
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads
         batches_in, self._batches = ctx.Pipe(duplex=False)
         self._results, results_out = ctx.Pipe(duplex=False)
@@ -73,8 +74,9 @@ class ModelProcess:
         self._waiting: deque[Future] = deque()  # submitted, in order, result not back yet
         self._dead: ModelProcessError | None = None
         self._receiver: threading.Thread | None = None  # started by wait_ready()
-        self.version = ""  # both known after wait_ready()
+        self.version = ""  # all three known after wait_ready()
         self.threshold = 0.0
+        self.throughput = 0.0  # beats/s at the largest batch, measured in the warm-up
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> ModelProcess:
         """Block until the model is loaded and warmed up; raises ModelProcessError if not."""
@@ -88,14 +90,16 @@ class ModelProcess:
             raise self._died() from exc
         if kind == "error":
             raise ModelProcessError(f"model process: {payload}")
-        self.version, self.threshold = payload
+        self.version, self.threshold, self.throughput = payload
         self._receiver = threading.Thread(target=self._receive, name="model-results", daemon=True)
         self._receiver.start()
         log.info(
-            "model %s ready in process %d after %.1f s",
+            "model %s ready in process %d after %.1f s: %.0f beats/s at batch %d on this CPU",
             self.version,
             self._process.pid,
             time.monotonic() - started,
+            self.throughput,
+            self._max_batch,
         )
         return self
 
@@ -175,7 +179,7 @@ def serve(batches, results, checkpoint: str, threads: int, max_batch: int) -> No
         why = " ".join(str(exc).split())[:300]  # one line for the worker's error message
         results.send(("error", f"cannot load the model: {type(exc).__name__}: {why}"))
         return
-    results.send(("ready", (engine.version, engine.threshold)))
+    results.send(("ready", (engine.version, engine.threshold, engine.throughput)))
     gc.freeze()  # the model is long-lived: keep it out of the cyclic collector's scans
     while True:
         try:
