@@ -19,6 +19,7 @@ class ServedModel(Protocol):
 
     version: str  # stamped on every repaired beat, alert and event
     threshold: float  # the anomaly score above which a beat is flagged
+    throughput: float  # beats/s of one pass at the largest batch, measured at start-up
 
     def submit(self, batch: ModelBatch) -> Future[Repair | None]:
         """Queue the batch (templates, then one pass over its recoverable rows); batches run

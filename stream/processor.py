@@ -11,7 +11,6 @@ import time
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,12 +21,9 @@ from stream import messages
 from stream.config import Config, WorkerConfig
 from stream.messages import ALERT_TYPES, STATUSES, InvalidMessage, RawBeat, Verdict
 from stream.metrics import WorkerMetrics
+from stream.model_api import ServedModel
 from stream.rhythm_stage import RhythmStage
 from stream.state import Admitted, PatientRegistry, pad
-
-if TYPE_CHECKING:  # the worker's I/O process never imports torch
-    from stream.engine import Engine
-    from stream.model_process import ModelProcess
 
 
 @dataclass
@@ -111,9 +107,7 @@ def verdict_alerts(v: Verdict, w: WorkerConfig) -> list[tuple[str, dict]]:
 class Processor:
     """Stateful batch processor of one worker (state = its partitions' patients)."""
 
-    def __init__(
-        self, cfg: Config, engine: Engine | ModelProcess, metrics: WorkerMetrics, worker_id: str
-    ):
+    def __init__(self, cfg: Config, engine: ServedModel, metrics: WorkerMetrics, worker_id: str):
         self.cfg = cfg
         self.engine = engine
         self.metrics = metrics

@@ -17,6 +17,13 @@ WORKER_MODULES = (
     "stream.model_process",
     "stream.state",
     "stream.rhythm_stage",
+    "stream.checkpoint",
+    "stream.publishing",
+    "stream.takeover",
+    "stream.health",
+    "stream.intake",
+    "stream.retry",
+    "stream.model_api",
 )
 
 
@@ -79,3 +86,12 @@ def test_a_broken_rule_is_named_even_inside_a_function(tmp_path):
     assert offending([probe], ("stream.tooling",), root=tmp_path) == {
         "probe.py": ["stream.tooling.demo", "stream.tooling.demo.run_demo"]
     }
+
+
+def test_no_class_in_the_product_is_longer_than_200_lines():
+    long = {}
+    for path in product_sources():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno >= 200:
+                long[f"{path.relative_to(ROOT)}:{node.name}"] = node.end_lineno - node.lineno + 1
+    assert long == {}

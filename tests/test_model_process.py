@@ -37,6 +37,9 @@ def test_model_process_answers_like_the_in_process_engine(checkpoint, record_100
         assert (remote.version, remote.threshold) == (local.version, local.threshold)
         # Both measured their own pass in the warm-up (what the worker logs and exports).
         assert local.throughput > 100 and remote.throughput > 100
+        for model in (local, remote):  # what the worker relies on (stream.model_api)
+            assert {"version", "threshold", "throughput"} <= set(vars(model))
+            assert callable(model.submit)
         for n in (1, 64):
             batch = _batch(record_100, n)
             want, got = local.serve(batch), remote.serve(batch)
