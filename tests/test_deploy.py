@@ -10,7 +10,6 @@ tests skip, except under CI=true, where they fail.
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.util
 import json
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stream.cli import build_parser
 from stream.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,20 +33,6 @@ RULE_TESTS = PROM_DIR / "tests" / "ecg-alerts.test.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "ecg-stream.json"
 K8S = DEPLOY / "k8s"
 
-# Until stream.cli.build_parser() exists; then its subparser choices are used instead.
-SUBCOMMANDS = frozenset(
-    [
-        "worker",
-        "simulate",
-        "evaluate-live",
-        "create-topics",
-        "train",
-        "evaluate",
-        "bench",
-        "tail",
-        "demo",
-    ]
-)
 IMAGE = "ecg-stream"
 PORTS = {"worker": 9108, "evaluate-live": 9109, "simulate": 9110}
 JOBS = {"ecg-worker": "worker", "ecg-evaluator": "evaluator", "ecg-simulator": "simulator"}
@@ -70,32 +56,20 @@ PROMQL_WORDS = {
 # ---------------------------------------------------------------- helpers
 
 
-def cli_parser() -> argparse.ArgumentParser | None:
-    if importlib.util.find_spec("stream.cli") is None:
-        return None
-    build = getattr(importlib.import_module("stream.cli"), "build_parser", None)
-    return build() if build else None
-
-
 def subcommands() -> set[str]:
-    parser = cli_parser()
-    if parser is None:
-        return set(SUBCOMMANDS)
-    for action in parser._actions:
+    for action in build_parser()._actions:
         if isinstance(action, argparse._SubParsersAction):
             return set(action.choices)
     pytest.fail("stream.cli.build_parser() has no subcommands")
 
 
 def check_command(args: list[str]) -> None:
-    """args is a real subcommand, and the CLI parser (once it exists) accepts the flags."""
+    """args is a real subcommand, and the CLI parser accepts its flags."""
     assert args and args[0] in subcommands(), f"not an ecg-stream subcommand: {args}"
-    parser = cli_parser()
-    if parser is not None:
-        try:
-            parser.parse_args(args)
-        except SystemExit:
-            pytest.fail(f"ecg-stream rejects the arguments {args}")
+    try:
+        build_parser().parse_args(args)
+    except SystemExit:
+        pytest.fail(f"ecg-stream rejects the arguments {args}")
 
 
 def check_env(env: dict[str, str], where: str) -> None:
