@@ -212,7 +212,8 @@ def trace_repair(net: EcgNet) -> torch.jit.ScriptModule:
 
     A traced call releases the GIL once for the whole pass; eager mode releases and re-takes it
     at every op, and each re-take waits for the Python thread beside it (Kafka I/O in the
-    worker) for up to a switch interval: measured 12x slower inference under contention."""
+    worker) for up to a switch interval, so eager inference beside a busy thread is many times
+    slower."""
     net.eval()
     example = (
         torch.zeros(2, net.config.beat_len),

@@ -96,9 +96,9 @@ class TemplateStore:
     """
 
     # np.zeros maps lazily zeroed pages, so a slot takes memory only once a patient uses it:
-    # room for a worker's patients at full load (~5,800, see README sizing) without a copy.
-    # Growing by copying stalled the model as a worker met its patients (512 -> 1,024 slots:
-    # 66 ms, 1,024 -> 2,048: 144 ms), and every batch behind the copy waited.
+    # room for a worker's patients at full load (its `make bench` beats/s / 1.25 per patient;
+    # README, Sizing) without a copy. Growing by copying stalled the model as a worker met its
+    # patients (the copy takes longer the larger the store), and every batch behind it waited.
     INITIAL_SLOTS = 8192
 
     def __init__(self, spec: TemplateSpec, width: int, capacity: int = INITIAL_SLOTS):

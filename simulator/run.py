@@ -114,7 +114,8 @@ def simulate(
     queue = [(float(rng.uniform(0, 1.0)), i) for i in range(len(patients))]
     heapq.heapify(queue)
     # The loaded records are long-lived: frozen, a full GC pass skips them and stays short
-    # (unfrozen, its ~100 ms pauses held back sends and showed up as pipeline latency).
+    # (unfrozen, its pauses, long with so many objects, held back sends and showed up as
+    # pipeline latency).
     gc.freeze()
     started = time.monotonic()
     epoch = time.time()  # the patients' clocks start now and run in record time
