@@ -67,12 +67,15 @@ class Worker:
         engine: ServedModel,
         metrics: WorkerMetrics | None = None,
         stop: threading.Event | None = None,
+        processor: Processor | None = None,
     ):
+        """`processor`: what turns batches into output (default: the model's Processor; the
+        bench passes one without a model to measure the Kafka side alone)."""
         self.cfg = cfg
         self.worker_id = cfg.worker.worker_id or default_worker_id()
         self.metrics = metrics or WorkerMetrics()
         self.stop = stop or threading.Event()
-        self.processor = Processor(cfg, engine, self.metrics, self.worker_id)
+        self.processor = processor or Processor(cfg, engine, self.metrics, self.worker_id)
         self.consumer = make_consumer(
             cfg.kafka, cfg.worker.group_id, max_poll_records=cfg.worker.max_batch
         )
