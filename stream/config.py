@@ -52,7 +52,7 @@ class DataConfig:
 class ModelConfig:
     checkpoint: str = ""  # empty: packaged models/weights/ecgnet-ds1.pt (ECG_CHECKPOINT)
     ecg5000_checkpoint: str = ""  # empty: packaged models/weights/ecg5000-ae.pt
-    # the worker's other core runs Kafka I/O beside the model (measured faster)
+    # the worker's other core runs Kafka I/O beside the model (`make bench`: faster end to end)
     torch_threads: Annotated[int, Range(1, 256)] = 1
     # worker: the model in its own process, beside the Kafka I/O process
     separate_process: bool = True

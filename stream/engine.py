@@ -22,8 +22,8 @@ from stream.config import WorkerConfig
 def padded_rows(n: int) -> int:
     """The batch size a pass of n beats runs at: 1, 2, 4 or 8, then multiples of 8.
 
-    oneDNN builds its LSTM kernels for each batch shape the first time it meets it (~5 ms
-    extra per new size on this machine), and a worker at low load sees every size from 1 up:
+    oneDNN builds its LSTM kernels for each batch shape the first time it meets it (a
+    one-off cost per new size), and a worker at low load sees every size from 1 up:
     those first calls were latency spikes in its first seconds. With padding the engine only
     runs 35 sizes up to 256, all warmed up before it serves (`Engine.warm_up`)."""
     return 1 << (n - 1).bit_length() if 0 < n <= 8 else -(-n // 8) * 8

@@ -102,8 +102,8 @@ class Worker:
             self.cfg.worker.group_id,
         )
         # Everything alive now (torch, the model, the clients) is long-lived: frozen, the
-        # cyclic GC skips it, so a full collection takes ~6-10 ms instead of ~120 ms, which
-        # showed up as the latency p99 (measured at 1,000 beats/s).
+        # cyclic GC skips it, so a full collection no longer walks the model and the clients
+        # and its pauses stop showing as the latency p99.
         gc.freeze()
         try:
             while not self.stop.is_set():
@@ -125,8 +125,8 @@ class Worker:
 
         While the model works, one poll takes what the last fetch brought and sends the next
         fetch; then the loop waits for the model instead of polling again. Each kafka-python
-        poll costs the I/O process CPU and each fetch the broker; at 1,000 beats/s, polling
-        every millisecond instead took ~10% of a core more and raised the p99 latency.
+        poll costs the I/O process CPU and each fetch the broker: polling every millisecond
+        instead costs CPU in both and raises the p99 latency.
         """
         deadline = time.monotonic() + self.cfg.worker.max_wait_ms / 1000
         busy = self.in_flight[-1][1] if self.in_flight else None
@@ -146,7 +146,7 @@ class Worker:
             else:
                 # Idle. Kept short on purpose: kafka-python 3 can find no fetch in flight
                 # right after a response lands, and then sleeps min(timeout, 100 ms) before
-                # fetching again; with 200 ms that stall was the latency p99.
+                # fetching again; a longer idle timeout makes that stall the latency p99.
                 timeout_ms = IDLE_POLL_MS
             self.intake.poll(timeout_ms)
             if self.takeover.waiting:

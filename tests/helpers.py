@@ -242,8 +242,8 @@ def stop_workers(procs) -> None:
 def wait_for_stable_group(partitions: int, ports, timeout_s: float = 90.0) -> None:
     """Until every worker owns partitions and together they own each partition once.
 
-    Needed before a SIGTERM: the embedded broker never finishes a rebalance whose leader
-    left mid-way (see DESIGN.md section 6)."""
+    Needed before a SIGTERM: the embedded broker (Tansu) never finishes a rebalance whose
+    leader left mid-way."""
     deadline = time.monotonic() + timeout_s
     owned: list = []
     while time.monotonic() < deadline:

@@ -117,7 +117,7 @@ class EmbeddedBroker:
         return self
 
     def stop(self) -> None:
-        """Kill the broker and wait (on SIGTERM it lingers ~6 s while clients are connected)."""
+        """Kill the broker and wait (on SIGTERM it lingers while clients are connected)."""
         if self.process and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)

@@ -125,8 +125,8 @@ class Demo:
 
 def demo_partitions(cfg: Config, workers: int, requested: int | None, embedded: bool) -> int:
     """Partitions of the demo's topics: as requested; else one per worker on the embedded
-    broker (its fetches cost more with every partition they read: at 200 beats/s the p99
-    latency grew to 136 ms in a minute on 6 partitions, 52 ms on 2); else kafka.partitions."""
+    broker (its fetches cost more with every partition they read, so a worker's latency
+    grows with its partitions); else kafka.partitions."""
     if requested:
         return requested
     return workers if embedded else cfg.kafka.partitions
