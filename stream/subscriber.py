@@ -57,7 +57,7 @@ class Deduplicator:
     Size it to cover the longest redelivery: all the messages published in the time a crashed
     worker's batch can stay uncommitted (the consumer session timeout plus a restart), e.g.
     1,000 patients x 1.25 beats/s x 60 s = 75,000 keys. Each key costs about 230 bytes
-    (CPython 3.11, tests/test_subscriber.py).
+    (CPython 3.11, tests/e2e/test_subscriber.py).
     """
 
     def __init__(self, capacity: int = 100_000):

@@ -24,6 +24,8 @@ from stream.tooling.processes import (
 from stream.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
+SCHEMAS = ROOT / "stream" / "schemas"
+DEPLOY = ROOT / "deploy"
 
 
 def read_topic(
@@ -298,3 +300,26 @@ class EventFollower(TopicFollower):
             and type_ in (None, e["type"])
             and kind in (None, e["kind"])
         ]
+
+
+def in_thread(fn, *args):
+    """Run fn(*args) in a thread; returns (thread, result dict with 'value' or 'error')."""
+    result: dict = {}
+
+    def target():
+        try:
+            result["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the test
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def joined(thread, result, timeout_s: float):
+    thread.join(timeout=timeout_s)
+    assert not thread.is_alive(), f"still running after {timeout_s} s"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]

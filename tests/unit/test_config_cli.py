@@ -101,7 +101,7 @@ def test_cli_errors_are_one_line(tmp_path):
         (["evaluate", "--max-beats", "-1"], "--max-beats: must be at least 0"),
         (["tail", "--limit", "ten"], "--limit: invalid int value: 'ten'"),
         (["worker"], "kafka.bootstrap_servers is empty"),
-    ]  # runtime failures (missing data or checkpoint) exit 1: tests/test_cli_behaviour.py
+    ]  # runtime failures (missing data or checkpoint) exit 1: tests/e2e/test_cli_behaviour.py
     for args, needle in cases:
         proc = run_cli(*args)
         assert proc.returncode == 2, (args, proc.stderr)

@@ -8,8 +8,6 @@ import re
 import subprocess
 import threading
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,11 +16,11 @@ import yaml
 from stream.evaluate_live import LiveEvaluator
 from stream.kafka import ensure_topics, make_producer
 from stream.metrics import SimulatorMetrics, serve
-from stream.tooling.broker import free_port, wait_for_port
+from stream.tooling.broker import free_port
 from tests.conftest import require_binary
-from tests.helpers import scrape, start_workers, stop_workers, wait_for_metrics
+from tests.helpers import DEPLOY, scrape, start_workers, stop_workers, wait_for_metrics
+from tests.ops.prometheus import query, start_prometheus
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 # Series that only exist after a rare event; their panels fall back to `or vector(0)`.
 RARE = ("ecg_kafka_errors_total",)
 
@@ -63,41 +61,6 @@ def prometheus_config(tmp_path: Path, targets: dict[str, list[str]]) -> Path:
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def query(port: int, expr: str) -> dict:
-    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return json.loads(resp.read())
-
-
-def wait_ready(port: int, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError("Prometheus never became ready")
-
-
-def start_prometheus(binary: str, config: Path, tmp_path: Path, port: int) -> subprocess.Popen:
-    """A real Prometheus on 127.0.0.1:port, its data and log in tmp_path; returns once ready."""
-    with open(tmp_path / "prometheus.log", "wb") as log:
-        prom = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    wait_for_port(port, timeout=30)
-    wait_ready(port)
-    return prom
 
 
 def substitute(expr: str) -> str:

@@ -23,8 +23,8 @@ import yaml
 
 from stream.cli import build_parser
 from stream.config import load_config
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
 PROM_DIR = DEPLOY / "prometheus"

@@ -203,6 +203,8 @@ def test_patients_moved_to_a_new_worker_are_not_served_cold(pipeline_config, tmp
     from tests.helpers import (
         consumed,
         decode,
+        in_thread,
+        joined,
         read_topic,
         run_simulator,
         start_worker,
@@ -210,7 +212,6 @@ def test_patients_moved_to_a_new_worker_are_not_served_cold(pipeline_config, tmp
         wait_for_metrics,
         wait_until,
     )
-    from tests.test_reliability import in_thread, joined
 
     cfg = pipeline_config(
         "simulator.patients=24",

@@ -6,7 +6,6 @@ import json
 import re
 import signal
 import threading
-from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -16,6 +15,7 @@ from stream.evaluate_live import LiveEvaluator
 from stream.kafka import CachedKeyPartitioner, ensure_topics
 from stream.tail import tail
 from tests.helpers import (
+    SCHEMAS,
     consumed,
     decode,
     metric_sum,
@@ -29,7 +29,6 @@ from tests.helpers import (
     wait_until,
 )
 
-SCHEMAS = Path(__file__).resolve().parents[1] / "stream" / "schemas"
 STATED_N_FLAG_RATE = 0.02  # models/MODEL_CARD.md: the anomaly flag's rate on N beats
 
 

@@ -4,7 +4,6 @@ observed samples pass through untouched, and imputed ones are marked."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import jsonschema
@@ -15,8 +14,8 @@ from stream import messages
 from stream.config import WorkerConfig
 from stream.messages import InvalidMessage, Verdict
 from stream.processor import verdict_alerts
+from tests.helpers import SCHEMAS
 
-SCHEMAS = Path(__file__).resolve().parents[1] / "stream" / "schemas"
 CLOCK = 1.7e9
 
 

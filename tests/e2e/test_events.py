@@ -15,7 +15,10 @@ from models.evaluate_events import rhythm_segments
 from stream.kafka import ensure_topics
 from stream.tail import tail
 from tests.helpers import (
+    ROOT,
     EventFollower,
+    in_thread,
+    joined,
     metric_sum,
     run_simulator,
     scrape,
@@ -25,9 +28,8 @@ from tests.helpers import (
     wait_for_metrics,
     wait_until,
 )
-from tests.test_reliability import in_thread, joined
 
-SCHEMA = Path(__file__).resolve().parents[1] / "stream" / "schemas" / "event.v1.json"
+SCHEMA = ROOT / "stream" / "schemas" / "event.v1.json"
 VENTRICULAR = ("ventricular_couplet", "ventricular_run", "ventricular_tachycardia")
 
 

@@ -13,7 +13,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -26,6 +25,8 @@ from tests.conftest import require, unique_topics_config
 from tests.helpers import (
     TopicFollower,
     consumed,
+    in_thread,
+    joined,
     metric_sum,
     rss_bytes,
     run_simulator,
@@ -98,29 +99,6 @@ def start_workers(cfg, tmp_path: Path, names, *sets: str) -> dict:
     for proc, port in workers.values():
         wait_for_metrics(port, proc)
     return workers
-
-
-def in_thread(fn, *args):
-    """Run fn(*args) in a thread; returns (thread, result dict with 'value' or 'error')."""
-    result: dict = {}
-
-    def target():
-        try:
-            result["value"] = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - re-raised by the test
-            result["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, result
-
-
-def joined(thread, result, timeout_s: float):
-    thread.join(timeout=timeout_s)
-    assert not thread.is_alive(), f"still running after {timeout_s} s"
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
 
 
 # --------------------------------------------------------------------------- worker crash

@@ -7,7 +7,7 @@ Which tool checks what:
   and newest versions we support; unknown fields are rejected (a misspelt securityContext
   field would otherwise be silently ignored by the cluster).
 - @kubernetes-models/keda and @kubernetes-models/prometheus-operator (npm, installed by
-  .ci/run into .tools/npm) through tests/k8s_crd_validate.mjs: the custom resources
+  .ci/run into .tools/npm) through tests/ops/k8s_crd_validate.mjs: the custom resources
   (ScaledObject, ServiceMonitor, PrometheusRule) against validators compiled from their CRDs'
   OpenAPI schemas: types, enums and required fields. Like the API server, which prunes them,
   these schemas do not reject unknown fields.
@@ -40,7 +40,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 COMPOSE = DEPLOY / "docker-compose.yml"

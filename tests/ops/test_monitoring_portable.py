@@ -18,9 +18,9 @@ import yaml
 from stream.metrics import EvaluatorMetrics, WorkerMetrics, serve
 from stream.tooling.broker import free_port
 from tests.conftest import require_binary
-from tests.test_prometheus_live import query, start_prometheus
+from tests.helpers import ROOT
+from tests.ops.prometheus import query, start_prometheus
 
-ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 RULES = DEPLOY / "prometheus" / "rules" / "ecg-alerts.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "ecg-stream.json"

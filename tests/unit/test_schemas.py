@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import jsonschema
@@ -16,8 +15,8 @@ from stream.config import load_config
 from stream.engine import Engine
 from stream.metrics import WorkerMetrics
 from stream.processor import Processor
+from tests.helpers import SCHEMAS
 
-SCHEMAS = Path(__file__).resolve().parents[1] / "stream" / "schemas"
 CLOCK = 1.7e9
 
 
