@@ -150,6 +150,8 @@ class WorkerMetrics(ComponentMetrics):
         Family("commit_failures", Counter, "ecg_commit_failures_total", "Failed offset commits"),
         Family("model_info", Gauge, "ecg_model_info", "The loaded model (value is always 1)",
             ("version", "threshold")),
+        Family("model_throughput", Gauge, "ecg_model_throughput_beats_per_second",
+            "Beats/s of one model pass at the largest batch, measured at start-up on this CPU"),
         Family("events", Counter, "ecg_events_total",
             "Rhythm-episode events published, by kind (open, update, close) and episode type",
             ("kind", "type")),

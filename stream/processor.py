@@ -116,6 +116,7 @@ class Processor:
         self.rhythm = RhythmStage(cfg, metrics, engine.version, worker_id)
         self.beat_alerts = frozenset(cfg.worker.beat_alerts)
         metrics.model_info.labels(engine.version, f"{engine.threshold:.6g}").set(1)
+        metrics.model_throughput.set(engine.throughput)
         # Labelled children resolved once: labels() costs more than inc() on the hot path.
         self.produced = {s: metrics.produced.labels(s) for s in STATUSES}
         self.classified = {c: metrics.classified.labels(c) for c in AAMI_CLASSES}

@@ -100,8 +100,5 @@ def test_every_metric_the_readme_documents_is_scraped_with_its_labels_and_type()
         assert kind in (None, exported[name][0]), name
 
 
-@pytest.mark.xfail(
-    strict=True, reason="README's metrics table omits four ecg_live_* families; drop when added"
-)
 def test_every_scraped_metric_is_documented_in_the_readme():
     assert set(all_scraped()) - set(readme_table()) == set()
