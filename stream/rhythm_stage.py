@@ -40,10 +40,8 @@ class RhythmStage:
     """Rhythm state of the patients of the assigned partitions."""
 
     def __init__(self, cfg: Config, metrics: WorkerMetrics, model_version: str, worker_id: str):
-        self.cfg = cfg
-        self.metrics = metrics
-        self.model_version = model_version
-        self.worker_id = worker_id
+        self.cfg, self.metrics = cfg, metrics
+        self.model_version, self.worker_id = model_version, worker_id  # stamped on every event
         self.partitions: dict[int, dict[str, PatientRhythm]] = {}
         self.arrived: dict[tuple[int, str], float] = {}  # last beat received, monotonic
         self.snapshot_at: dict[str, float] = {}  # patient time of its last snapshot
