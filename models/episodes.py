@@ -119,29 +119,40 @@ class Beat:
 
 
 @dataclass
-class Episode:
-    episode_id: str
-    type: str
-    start_time: float
-    end_time: float
+class Stretch:
+    """Consecutive beats: the first and last (seq, time), and the intervals inside them."""
+
     first_seq: int
     last_seq: int
-    beats: int = 0
-    rr_sum: float = 0.0  # intervals inside the episode, for its heart rate
+    start_time: float
+    end_time: float
+    beats: int = 1
+    rr_sum: float = 0.0  # intervals inside the stretch, for its heart rate
     rr_count: int = 0
-    confidence: float = 1.0
-    updated_at: float = 0.0  # patient time of the last open/update event
-    detail: dict = field(default_factory=dict)
 
     def heart_rate_bpm(self) -> float | None:
         return 60.0 * self.rr_count / self.rr_sum if self.rr_count and self.rr_sum > 0 else None
 
     def add(self, beat: Beat, rr: float | None) -> None:
+        """The next beat, `rr` the interval that ends at it (None: unknown)."""
         self.last_seq, self.end_time = beat.seq, beat.time
         self.beats += 1
         if rr is not None:
             self.rr_sum += rr
             self.rr_count += 1
+
+    def span(self) -> dict:
+        """The stretch's own fields, to carry over to an episode it starts."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(Stretch)}
+
+
+@dataclass(kw_only=True)
+class Episode(Stretch):
+    episode_id: str
+    type: str
+    confidence: float = 1.0
+    updated_at: float = 0.0  # patient time of the last open/update event
+    detail: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -152,37 +163,36 @@ class Event:
 
 
 @dataclass
-class Run:
-    """Consecutive beats of one class: their seqs, times, intervals and confidences."""
+class Run(Stretch):
+    """Consecutive beats of one class, and their confidences. An empty run has no beats."""
 
-    first_seq: int = -1
-    last_seq: int = -2
-    start_time: float = 0.0
-    end_time: float = 0.0
-    count: int = 0
-    rr_sum: float = 0.0
-    rr_count: int = 0
     confidence_sum: float = 0.0
 
+    @classmethod
+    def empty(cls) -> Run:
+        return cls(first_seq=-1, last_seq=-2, start_time=0.0, end_time=0.0, beats=0)
+
+    @classmethod
+    def restore(cls, state: dict) -> Run:
+        """From a snapshot; one taken before `beats` was named `count` has `count`."""
+        state = dict(state)
+        if "count" in state:
+            state["beats"] = state.pop("count")
+        return cls(**state)
+
     def extend(self, beat: Beat, rr: float | None) -> bool:
-        """Add a beat; False (and nothing added) if it does not follow the run's last seq."""
-        if self.count and beat.seq != self.last_seq + 1:
+        """Add a beat; False (and nothing added) if it does not follow the run's last seq.
+        The first beat's interval lies outside the run."""
+        if self.beats and beat.seq != self.last_seq + 1:
             return False
-        if not self.count:
-            self.first_seq, self.start_time = beat.seq, beat.time
-        elif rr is not None:
-            self.rr_sum += rr
-            self.rr_count += 1
-        self.last_seq, self.end_time = beat.seq, beat.time
-        self.count += 1
+        if not self.beats:
+            self.first_seq, self.start_time, rr = beat.seq, beat.time, None
+        self.add(beat, rr)
         self.confidence_sum += beat.confidence
         return True
 
-    def rate_bpm(self) -> float | None:
-        return 60.0 * self.rr_count / self.rr_sum if self.rr_count and self.rr_sum > 0 else None
-
     def confidence(self) -> float:
-        return self.confidence_sum / self.count if self.count else 0.0
+        return self.confidence_sum / self.beats if self.beats else 0.0
 
 
 @dataclass
@@ -190,15 +200,15 @@ class Runs:
     """The current ventricular and supraventricular runs, and the episodes they make:
     couplets, runs and ventricular tachycardia; supraventricular tachycardia (SVTA)."""
 
-    v: Run = field(default_factory=Run)
-    s: Run = field(default_factory=Run)
+    v: Run = field(default_factory=Run.empty)
+    s: Run = field(default_factory=Run.empty)
 
     def observe(self, beat: Beat, rr: float | None, book: EpisodeBook, c: EpisodeConfig):
         for label in ("V", "S"):
             run = self.v if label == "V" else self.s
             if beat.label != label or not run.extend(beat, rr):
                 self._ended(label, run, book)
-                run = Run()
+                run = Run.empty()
                 if beat.label == label:
                     run.extend(beat, rr)
                 if label == "V":
@@ -207,16 +217,16 @@ class Runs:
                     self.s = run
         v, s = self.v, self.s
         if vt := book.open.get("ventricular_tachycardia"):
-            if v.count:
+            if v.beats:
                 vt.add(beat, rr)
-        elif v.count >= c.vt_beats or (v.count >= 3 and (v.rate_bpm() or 0) >= c.vt_rate_bpm):
+        elif v.beats >= c.vt_beats or (v.beats >= 3 and (v.heart_rate_bpm() or 0) >= c.vt_rate_bpm):
             book.start_run("ventricular_tachycardia", v, {}, v.confidence())
         if svta := book.open.get("svta"):
-            if s.count:
+            if s.beats:
                 svta.add(beat, rr)
         elif (
-            s.count >= c.svta_beats
-            and (s.rate_bpm() or 0) >= c.svta_rate_bpm
+            s.beats >= c.svta_beats
+            and (s.heart_rate_bpm() or 0) >= c.svta_rate_bpm
             and "atrial_fibrillation" not in book.open
         ):
             book.start_run("svta", s, {}, s.confidence())
@@ -229,8 +239,8 @@ class Runs:
                 book.close("svta", run.end_time)
         elif "ventricular_tachycardia" in book.open:
             book.close("ventricular_tachycardia", run.end_time)
-        elif run.count >= 2:
-            book.whole_run("ventricular_couplet" if run.count == 2 else "ventricular_run", run)
+        elif run.beats >= 2:
+            book.whole_run("ventricular_couplet" if run.beats == 2 else "ventricular_run", run)
 
 
 @dataclass
@@ -330,37 +340,26 @@ class EpisodeBook:
 
     def episode(self, name: str, first: Beat, confidence: float, detail: dict) -> Episode:
         return Episode(
-            f"{self.patient_id}/{name}/{round(first.time * 1000)}",  # seqs restart on resets
-            name,
-            first.time,
-            first.time,
-            first.seq,
-            first.seq,
-            beats=1,
+            episode_id=f"{self.patient_id}/{name}/{round(first.time * 1000)}",  # seqs restart
+            type=name,
+            first_seq=first.seq,
+            last_seq=first.seq,
+            start_time=first.time,
+            end_time=first.time,
             confidence=round(confidence, 3),
             updated_at=first.time,
             detail=detail,
         )
 
     def start_run(self, name: str, run: Run, detail: dict, confidence: float) -> Episode:
-        return self.start(
-            name,
-            Beat(run.first_seq, run.start_time, None),
-            confidence,
-            detail,
-            beats=run.count,
-            last_seq=run.last_seq,
-            end_time=run.end_time,
-            rr_sum=run.rr_sum,
-            rr_count=run.rr_count,
-        )
+        first = Beat(run.first_seq, run.start_time, None)
+        return self.start(name, first, confidence, detail, **run.span())
 
     def whole_run(self, name: str, run: Run) -> None:
         """A run reported once it is over (a couplet, a short run): one close event."""
-        ep = self.episode(name, Beat(run.first_seq, run.start_time, None), 0.0, {})
-        ep.beats, ep.last_seq, ep.end_time = run.count, run.last_seq, run.end_time
-        ep.rr_sum, ep.rr_count = run.rr_sum, run.rr_count
-        ep.confidence = round(run.confidence(), 3)
+        ep = self.episode(name, Beat(run.first_seq, run.start_time, None), run.confidence(), {})
+        for key, value in run.span().items():
+            setattr(ep, key, value)
         self.emit("close", ep, whole=True)
 
     def start_window(self, name: str, w: Window, k: int, beat: Beat, confidence, **detail):
@@ -406,7 +405,7 @@ class PatientRhythm:
         self.last_label: str | None = None
         self.last_ectopic = True  # the previous beat is kept out of the AF test
         self.resumed = False  # restored from a snapshot: a seq gap next is not a loss
-        self.runs, self.unrecoverable = Runs(), Run()
+        self.runs, self.unrecoverable = Runs(), Run.empty()
         self.chains = {"ventricular_bigeminy": Chain(2), "ventricular_trigeminy": Chain(3)}
         self.af = Window(cfg.af_window)
         self.rate = Window(cfg.rate_beats)
@@ -485,17 +484,17 @@ class PatientRhythm:
         """Unrecoverable beats in a row: signal loss until a beat can be classified again."""
         ep = self.book.open.get("signal_loss")
         if beat.label is not None:
-            self.unrecoverable = Run()
+            self.unrecoverable = Run.empty()
             if ep is not None:
                 self.book.close("signal_loss", ep.end_time)
             return
         run = self.unrecoverable
         if not run.extend(beat, None):
-            run = self.unrecoverable = Run()
+            run = self.unrecoverable = Run.empty()
             run.extend(beat, None)
         if ep is not None:
             ep.add(beat, None)
-        elif run.count >= self.cfg.signal_loss_beats:
+        elif run.beats >= self.cfg.signal_loss_beats:
             self.book.start_run("signal_loss", run, {"cause": "unrecoverable"}, 1.0)
 
     def _rate(self, beat: Beat, rr: float | None) -> None:
@@ -559,9 +558,9 @@ class PatientRhythm:
         lost snapshot would lose more than a few intervals of history."""
         return bool(
             self.book.open
-            or self.runs.v.count
-            or self.runs.s.count
-            or self.unrecoverable.count
+            or self.runs.v.beats
+            or self.runs.s.beats
+            or self.unrecoverable.beats
             or any(self.last_seq - c.last_v_seq <= 2 * c.period for c in self.chains.values())
         )
 
@@ -589,8 +588,8 @@ class PatientRhythm:
         p = cls(patient_id, cfg)
         p.last_seq, p.last_time = state["last_seq"], state["last_time"]
         p.last_label, p.last_ectopic = state["last_label"], state["last_ectopic"]
-        p.runs = Runs(Run(**state["v_run"]), Run(**state["s_run"]))
-        p.unrecoverable = Run(**state["unrecoverable"])
+        p.runs = Runs(Run.restore(state["v_run"]), Run.restore(state["s_run"]))
+        p.unrecoverable = Run.restore(state["unrecoverable"])
         p.chains = {k: Chain(**v) for k, v in state["chains"].items()}
         p.af, p.rate = Window(**state["af"]), Window(**state["rate"])
         p.book.open = {k: Episode(**v) for k, v in state["open"].items()}

@@ -2,7 +2,7 @@
 
 Docker cannot run here, so this checks what can be checked: every file parses, every reference
 resolves, every command is a real `ecg-stream` subcommand, every config key is valid, every
-metric name exists in stream/metrics.py, and promtool accepts the Prometheus config, the rules
+metric name exists in stream/metrics.yaml, and promtool accepts the Prometheus config, the rules
 and their unit tests. promtool comes with the Debian package `prometheus`: without it these
 tests skip, except under CI=true, where they fail.
 """

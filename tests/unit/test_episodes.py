@@ -193,6 +193,19 @@ def test_a_restored_patient_goes_on_without_losing_or_repeating_an_episode():
     assert as_ids == [(e.kind, e.episode.episode_id, e.episode.last_seq) for e in whole]
 
 
+def test_a_snapshot_from_before_runs_counted_beats_restores_the_same_runs():
+    """Changelog snapshots written before a run's `count` was named `beats` still restore:
+    a rolling upgrade reads its predecessor's state."""
+    rhythm = PatientRhythm("p1", EpisodeConfig())
+    feed(rhythm, "NNNVV", rr=0.4)  # a V run of two, still open
+    state = json.loads(json.dumps(rhythm.snapshot()))
+    for run in ("v_run", "s_run", "unrecoverable"):
+        state[run]["count"] = state[run].pop("beats")
+    restored = PatientRhythm.restore("p1", EpisodeConfig(), state)
+    assert restored.runs.v == rhythm.runs.v and restored.runs.v.beats == 2
+    assert restored.snapshot() == rhythm.snapshot()
+
+
 def test_a_gap_after_a_restore_is_not_reported_as_lost_signal():
     rhythm = PatientRhythm("p1", EpisodeConfig())
     feed(rhythm, "N" * 10)

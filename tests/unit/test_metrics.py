@@ -1,4 +1,4 @@
-"""The metric families as declared (stream/metrics.py rows) are what Prometheus scrapes, and what
+"""The metric families as declared (stream/metrics.yaml rows) are what Prometheus scrapes, and what
 the README's metrics table documents."""
 
 from __future__ import annotations
