@@ -46,7 +46,7 @@ class TrainConfig:
     beats_per_epoch: int = 0  # 0: every training beat once per epoch
     anomaly_quantile: float = 0.999  # threshold: this quantile of N training beats' scores
     threads: int = 1  # 1: bit-reproducible runs, and `make train` runs two side by side
-    output: str = "models/weights/ecgnet-ds1.pt"
+    output: str = ""  # "": the packaged checkpoint of the split (models.config.CHECKPOINTS)
 
     def validate(self) -> None:
         if self.split not in ("inter", "intra"):

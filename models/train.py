@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from models import data as D
 from models.baselines import linear_fill
-from models.config import TrainConfig
+from models.config import CHECKPOINTS, TrainConfig
 from models.masks import mask_batch, training_mask
 from models.model import (
     CONTEXT_FEATURES,
@@ -270,9 +270,9 @@ def calibrate_threshold(net, beats: D.Beats, rng, quantile: float, limit: int = 
 
 
 def train_and_save(cfg: TrainConfig, data_dir: Path, progress: bool = True) -> Path:
-    """Train and write the checkpoint to cfg.output."""
+    """Train and write the checkpoint to cfg.output (default: the split's packaged one)."""
     net, meta = train(cfg, data_dir, progress)
-    out = Path(cfg.output)
+    out = Path(cfg.output) if cfg.output else CHECKPOINTS[cfg.split]
     out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out, net, meta)
     return out

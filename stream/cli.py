@@ -358,6 +358,7 @@ def _require_reachable_kafka(cfg) -> None:
 
 def cmd_train(cfg, args):
     from models import data as D
+    from models.config import CHECKPOINTS
     from models.model import save_checkpoint
     from models.train import train_and_save, train_ecg5000
     from stream.config import resolve_data_dirs
@@ -369,7 +370,7 @@ def cmd_train(cfg, args):
         net, meta = train_ecg5000(
             Path(directory), threads=cfg.train.threads, progress=not args.quiet
         )
-        out = Path(args.output or "models/weights/ecg5000-ae.pt")
+        out = Path(args.output) if args.output else CHECKPOINTS["ecg5000"]
         save_checkpoint(out, net, meta)
     else:
         data_dir = D.locate_database("mitdb", cfg.data.mitdb_dir, D.DS1, cfg.data.download)

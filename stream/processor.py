@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -102,6 +103,35 @@ def verdict_alerts(v: Verdict, w: WorkerConfig) -> list[tuple[str, dict]]:
     if v.label in w.alert_classes and v.confidence >= w.min_alert_probability:
         alerts.append(("arrhythmia", {"beat_class": v.label, "probability": v.confidence}))
     return alerts
+
+
+class BatchProcessor(Protocol):
+    """What the worker needs of its batch stage: the model's `Processor`, or a stand-in
+    without a model (the bench's pass-through). Calls come from the worker's loop only."""
+
+    registry: PatientRegistry  # per-patient sequence and clock state, dropped on revocation
+    rhythm: RhythmStage  # per-patient rhythm episodes, restored from their changelog
+
+    def prepare(self, records) -> Prepared:
+        """Decode, validate and admit a polled batch; dead letters go into its output."""
+        ...
+
+    def submit(self, batch: Prepared) -> Future:
+        """Hand the batch to the model without waiting for the pass."""
+        ...
+
+    def complete(self, batch: Prepared, result: Repair | None) -> Output:
+        """The batch's messages, once its pass is done."""
+        ...
+
+    def evict_idle(self) -> Output:
+        """Forget idle patients (their tombstones and closing events)."""
+        ...
+
+    def warm_up(self, records) -> int:
+        """Rebuild patients' history from raw records before a new partition's position;
+        the number of beats read (none is published)."""
+        ...
 
 
 class Processor:

@@ -23,7 +23,7 @@ from stream.config import Config
 from stream.intake import Intake
 from stream.kafka import read_partition
 from stream.metrics import WorkerMetrics
-from stream.processor import Processor
+from stream.processor import BatchProcessor
 from stream.retry import ACK_WAIT_S
 
 log = logging.getLogger("stream.worker")  # the worker's parts log as the worker
@@ -61,7 +61,7 @@ class Takeover:
             sorted(tp.partition for tp in partitions),
         )
 
-    def prepare(self, processor: Processor) -> None:
+    def prepare(self, processor: BatchProcessor) -> None:
         """Start each waiting partition at max(fetch position, committed offset), then restore
         its patients into `processor`. A partition whose check or restore fails has its polled
         records put back (rewound) and is tried again after the next poll."""
@@ -91,7 +91,7 @@ class Takeover:
                 continue
             self.waiting.discard(tp)
 
-    def restore_rhythm(self, processor: Processor, partition: int) -> None:
+    def restore_rhythm(self, processor: BatchProcessor, partition: int) -> None:
         started = time.perf_counter()
         tp = TopicPartition(self.cfg.topics.rhythm_state, partition)
         records = read_partition(self.state_reader, tp, READ_WAIT_S)
@@ -100,7 +100,7 @@ class Takeover:
         if patients:
             log.info("partition %d: rhythm state of %d patients restored", partition, patients)
 
-    def warm_up(self, processor: Processor, tp: TopicPartition, start: int) -> None:
+    def warm_up(self, processor: BatchProcessor, tp: TopicPartition, start: int) -> None:
         """Rebuild the partition's patients' templates and RR history from the raw records
         just before `start` (`Processor.warm_up`). Bounded by worker.warmup_records, well
         inside max_poll_interval_ms."""

@@ -43,7 +43,7 @@ from stream.intake import Intake
 from stream.kafka import make_consumer, make_producer
 from stream.metrics import WorkerMetrics
 from stream.model_api import ServedModel
-from stream.processor import Prepared, Processor
+from stream.processor import BatchProcessor, Prepared, Processor
 from stream.publishing import Publisher
 from stream.takeover import Takeover
 
@@ -67,7 +67,7 @@ class Worker:
         engine: ServedModel,
         metrics: WorkerMetrics | None = None,
         stop: threading.Event | None = None,
-        processor: Processor | None = None,
+        processor: BatchProcessor | None = None,
     ):
         """`processor`: what turns batches into output (default: the model's Processor; the
         bench passes one without a model to measure the Kafka side alone)."""

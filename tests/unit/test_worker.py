@@ -187,3 +187,25 @@ def test_revoked_partitions_drop_unpublished_records_and_rewind():
     assert intake.records == [record(1, 9)]
     assert sorted(seeks) == [(TopicPartition("t", 0), 3), (TopicPartition("t", 2), 1)]
     assert checkpoint.committed == {("t", 1): 9, ("t", 2): 1}
+
+
+def test_the_model_processor_and_the_bench_pass_through_offer_what_the_worker_calls():
+    """The worker and its takeover see a batch stage only through `BatchProcessor`: both the
+    model's processor and the bench's model-less one offer every method and attribute."""
+    import inspect
+    import typing
+
+    from stream.processor import BatchProcessor, Processor
+    from stream.tooling.bench import PassThrough
+
+    methods = [n for n, v in vars(BatchProcessor).items() if inspect.isfunction(v) and n[0] != "_"]
+    assert {"prepare", "submit", "complete", "evict_idle", "warm_up"} <= set(methods)
+    cfg = load_config(None, [])
+    stand_in = PassThrough(cfg, WorkerMetrics())
+    for stage in (Processor, PassThrough):
+        for name in methods:
+            ours = inspect.signature(getattr(BatchProcessor, name)).parameters
+            theirs = inspect.signature(getattr(stage, name)).parameters
+            assert list(theirs) == list(ours), (stage, name)
+    for name, kind in typing.get_type_hints(BatchProcessor).items():
+        assert isinstance(getattr(stand_in, name), kind), name
