@@ -24,14 +24,14 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 3e-3
     seed: int = 0
-    hidden: int = 96
+    hidden: int = 64
     layers: int = 1
-    patch: int = 4
+    patch: int = 8  # samples per recurrent step: 24 steps per beat
     latent: int = 16
     refine: int = 16  # per-sample refinement channels after the gap head (0: none)
     template_beats: int = 40  # previous beats of a patient the template draws on
     template_matches: int = 8  # 0: their mean; m: the m that best match the beat's samples
-    impute_weight: float = 60.0
+    impute_weight: float = 120.0  # the masked-sample MSE in the loss (its scale is small)
     recon_weight: float = 5.0  # the reconstruction loss (nets without context)
     class_weight: float = 1.0
     max_class_weight: float = 20.0
