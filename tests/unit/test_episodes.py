@@ -193,6 +193,22 @@ def test_a_restored_patient_goes_on_without_losing_or_repeating_an_episode():
     assert as_ids == [(e.kind, e.episode.episode_id, e.episode.last_seq) for e in whole]
 
 
+def test_a_snapshot_holds_exactly_the_state_as_plain_data_and_copies_it():
+    """The shallow snapshot (the worker takes one per touched patient per batch) holds what
+    `dataclasses.asdict` would, survives JSON, and does not change with the patient after."""
+    import dataclasses
+
+    rhythm = PatientRhythm("p1", EpisodeConfig())
+    feed(rhythm, "NNN" + "V" * 6 + "NV" * 6 + "N" * 4, rr=0.4)  # VT closed, bigeminy open
+    state = rhythm.snapshot()
+    deep = {k: dataclasses.asdict(v) for k, v in (("af", rhythm.af), ("rate", rhythm.rate))}
+    deep["open"] = {k: dataclasses.asdict(v) for k, v in rhythm.book.open.items()}
+    assert state["open"] and {k: state[k] for k in deep} == deep
+    assert json.loads(json.dumps(state)) == state
+    feed(rhythm, "N" * 40, rr=0.4, start_seq=100, t0=200)
+    assert {k: state[k] for k in deep} == deep  # the snapshot did not move with the patient
+
+
 def test_a_snapshot_from_before_runs_counted_beats_restores_the_same_runs():
     """Changelog snapshots written before a run's `count` was named `beats` still restore:
     a rolling upgrade reads its predecessor's state."""
