@@ -211,6 +211,12 @@ class ReadTimeout(KafkaError):
     """A partition could not be read to its end in time."""
 
 
+# A poll without records waits out its whole timeout, and an empty or fully read partition
+# gives none: a short poll lets the loop see the high watermark as soon as a fetch brings it.
+# A worker reads one changelog partition per assigned partition before serving it.
+READ_POLL_MS = 10
+
+
 def read_partition(
     consumer: KafkaConsumer,
     tp: TopicPartition,
@@ -232,7 +238,7 @@ def read_partition(
     records: list = []
     deadline = time.monotonic() + timeout_s
     while end is None or consumer.position(tp) < end:
-        for batch in consumer.poll(timeout_ms=100, max_records=10000).values():
+        for batch in consumer.poll(timeout_ms=READ_POLL_MS, max_records=10000).values():
             records.extend(r for r in batch if end is None or r.offset < end)
         high = consumer.highwater(tp)
         if high is not None and consumer.position(tp) >= high:
