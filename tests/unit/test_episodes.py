@@ -201,7 +201,10 @@ def test_a_snapshot_holds_exactly_the_state_as_plain_data_and_copies_it():
     rhythm = PatientRhythm("p1", EpisodeConfig())
     feed(rhythm, "NNN" + "V" * 6 + "NV" * 6 + "N" * 4, rr=0.4)  # VT closed, bigeminy open
     state = rhythm.snapshot()
-    deep = {k: dataclasses.asdict(v) for k, v in (("af", rhythm.af), ("rate", rhythm.rate))}
+    parts = {"v_run": rhythm.runs.v, "s_run": rhythm.runs.s, "af": rhythm.af}
+    parts |= {"unrecoverable": rhythm.unrecoverable, "rate": rhythm.rate}
+    deep = {k: dataclasses.asdict(v) for k, v in parts.items()}
+    deep["chains"] = {k: dataclasses.asdict(v) for k, v in rhythm.chains.items()}
     deep["open"] = {k: dataclasses.asdict(v) for k, v in rhythm.book.open.items()}
     assert state["open"] and {k: state[k] for k in deep} == deep
     assert json.loads(json.dumps(state)) == state
