@@ -164,11 +164,17 @@ def test_a_worker_holds_at_most_max_patients_and_forgets_idle_ones(pipeline_conf
         wait_until(lambda: consumed(port) >= 18000, 240, "all 6,000 patients consumed")
         beyond = tree_rss(proc.pid)
         samples_now = scrape(port)
-        wait_until(
-            lambda: metric_sum(scrape(port), "ecg_patients_tracked") == 0,
-            90,
-            "idle patients forgotten after worker.patient_idle_s",
-        )
+
+        # The gauge drops when the patients are forgotten; their eviction counts land once the
+        # tombstones are flushed, a moment later: wait for both.
+        def forgotten() -> bool:
+            now = scrape(port)
+            return (
+                metric_sum(now, "ecg_patients_tracked") == 0
+                and now.get("ecg_patients_evicted_total{reason=idle}", 0) >= 1000
+            )
+
+        wait_until(forgotten, 90, "idle patients forgotten (and counted) after patient_idle_s")
         idle = scrape(port)
         send(6000, 7000)  # a new wave of patients after the others went silent
         wait_until(lambda: consumed(port) >= 21000, 120, "the new wave consumed")
