@@ -41,6 +41,8 @@ class TrainConfig:
     detach_heads: bool = False  # True: the encoder learns from the imputation loss alone
     head_dropout: float = 0.2  # dropout in the class head
     premature_ratio: float = 0.8  # an N-shaped beat this early against the recent RR is S
+    premature_long_ratio: float = 0.85  # ... or this early against the longer-term RR
+    premature_af_share: float = 0.55  # ... unless this share of intervals is irregular (AF)
     abnormal_weight: float = 1.0  # the abnormality head's loss (context nets)
     abnormal_pos_weight: float = 3.0  # weight of non-N beats in the abnormality loss
     beats_per_epoch: int = 0  # 0: every training beat once per epoch

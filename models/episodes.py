@@ -37,6 +37,8 @@ import dataclasses
 import statistics
 from dataclasses import dataclass, field
 
+from models.rhythm import irregular_steps
+
 EPISODE_TYPES = (
     "ventricular_couplet",
     "ventricular_run",
@@ -311,13 +313,6 @@ class Window:
 
     def full(self) -> bool:
         return len(self.rr) >= self.size
-
-
-def irregular_steps(rr: list[float], delta: float) -> list[bool]:
-    """For each successive pair of intervals: do they differ by more than delta of their
-    median (the RR-irregularity of atrial fibrillation; ectopic beats are kept out before)."""
-    scale = delta * statistics.median(rr)
-    return [abs(b - a) > scale for a, b in zip(rr, rr[1:])]
 
 
 class EpisodeBook:

@@ -55,8 +55,12 @@ class NetConfig:
     detach_heads: bool = False  # the class and abnormality losses do not train the encoder
     head_dropout: float = 0.2  # dropout before the class head's output layer
     # A beat of supraventricular (N or S) morphology whose pre-RR is below this share of the
-    # patient's recent average is premature: S (`premature_supraventricular`). 0: off.
+    # patient's recent average, or below `premature_long_ratio` of its longer-term average, is
+    # premature: S (`premature_supraventricular`); not while the share of irregular intervals
+    # is at or above `premature_af_share` (0: no such gate). 0: off.
     premature_ratio: float = 0.0
+    premature_long_ratio: float = 0.0
+    premature_af_share: float = 0.0
 
     @property
     def frames(self) -> int:
@@ -172,9 +176,7 @@ class RepairPass(nn.Module):
         if self.net.config.context:
             probabilities = torch.softmax(logits, -1)
             if self.net.config.premature_ratio and self.net.config.rhythm:
-                probabilities = premature_supraventricular(
-                    probabilities, context, self.net.config.premature_ratio
-                )
+                probabilities = premature_supraventricular(probabilities, context, self.net.config)
             return filled, probabilities, torch.sigmoid(anomaly)
         signal = (torch.arange(beats.shape[1]) < lengths.unsqueeze(1)) & ~missing
         err = ((anomaly - beats) ** 2 * signal).sum(1) / signal.sum(1).clamp(min=1)
@@ -184,17 +186,28 @@ class RepairPass(nn.Module):
 PREMATURE_SOFTNESS = 0.025  # width of the soft step around the prematurity threshold
 
 
-def premature_supraventricular(probabilities, context, ratio: float):
+def premature_supraventricular(probabilities, context, config: NetConfig):
     """Class probabilities with the rhythm's verdict on supraventricular beats.
 
     The class head learns morphology well across patients but S beats poorly: their shape is
     normal, and DS1's 944 S beats come from a few patients. The rhythm generalises: a beat of
-    normal (supraventricular) morphology that comes early against the patient's own recent
-    rhythm is a premature supraventricular beat, the prematurity rule of Holter analysis.
+    normal (supraventricular) morphology that comes early against the patient's own rhythm
+    is a premature supraventricular beat, the prematurity rule of Holter analysis. Early
+    against the recent mean finds isolated premature beats; against the longer-term mean it
+    also finds the beats of an ectopic atrial run, whose recent mean is itself short. In
+    atrial fibrillation every interval is early or late and MIT-BIH calls its beats N, so
+    the verdict is withheld while the AF test's share of irregular intervals is high.
     The probability of a supraventricular morphology (N + S) is kept and split between N and
-    S: S gets at least the share a soft step at `ratio` x the recent mean RR gives."""
+    S: S gets at least the share the soft steps give."""
     known = context[:, 0] > 0
-    premature = torch.sigmoid((ratio - context[:, 2]) / PREMATURE_SOFTNESS) * known
+    premature = torch.sigmoid((config.premature_ratio - context[:, 2]) / PREMATURE_SOFTNESS)
+    if config.premature_long_ratio:
+        early = (config.premature_long_ratio - context[:, 6]) / PREMATURE_SOFTNESS
+        premature = torch.maximum(premature, torch.sigmoid(early))
+    if config.premature_af_share:
+        regular = (config.premature_af_share - context[:, 8]) / PREMATURE_SOFTNESS
+        premature = premature * torch.sigmoid(regular)
+    premature = premature * known
     supra = probabilities[:, 0] + probabilities[:, 1]
     share = torch.maximum(probabilities[:, 1] / supra.clamp(min=1e-12), premature)
     return torch.cat(

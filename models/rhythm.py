@@ -12,6 +12,7 @@ beat: a patient's first beat, the first beat after a state reset, a beat after a
 
 from __future__ import annotations
 
+import statistics
 from collections import deque
 
 import numpy as np
@@ -19,6 +20,9 @@ import numpy as np
 RR_HISTORY = 32  # known intervals kept per patient: the longer-term average
 LOCAL_BEATS = 8  # the recent average (and the heart rate) uses the last this many
 MAX_RR_S = 6.0  # a longer "interval" is a device or clock problem, not one RR
+IRREGULAR_DELTA = 0.1  # successive intervals differing by > 10% of the median: irregular
+PAUSE_RATIO = 1.5  # an interval this many times the median is a pause, not AF's irregularity
+MIN_SHARE_INTERVALS = 8  # intervals (pauses left out) needed before the share is measured
 FEATURES = (
     "rr_known",  # 1 when the pre-RR interval is known
     "pre_rr_s",  # the pre-RR interval in seconds (0 when unknown), clipped at 3 s
@@ -28,9 +32,33 @@ FEATURES = (
     "history",  # known intervals held / RR_HISTORY: how much the averages can be trusted
     "pre_rr_vs_long",  # pre-RR / the longer-term average (1 when unknown)
     "irregularity",  # mean |successive difference| of the recent intervals / their mean
+    "irregular_share",  # the AF test's share of irregular intervals (`irregular_share`)
 )
 N_FEATURES = len(FEATURES)
-UNKNOWN = np.array([0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0], np.float32)
+UNKNOWN = np.array([0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0], np.float32)
+
+
+def irregular_steps(rr: list[float], delta: float) -> list[bool]:
+    """For each successive pair of intervals: do they differ by more than delta of their
+    median (the RR-irregularity of atrial fibrillation)."""
+    scale = delta * statistics.median(rr)
+    return [abs(b - a) > scale for a, b in zip(rr, rr[1:])]
+
+
+def irregular_share(intervals) -> float:
+    """Share of irregular successive intervals, pauses left out (0 with too few intervals).
+
+    Atrial fibrillation is irregularly irregular: most successive intervals differ. A
+    regular rhythm broken by pauses (sinus arrest, blocked beats) differs only around each
+    pause, so intervals over PAUSE_RATIO x the median are left out before the test."""
+    if len(intervals) < MIN_SHARE_INTERVALS:
+        return 0.0
+    longest = PAUSE_RATIO * statistics.median(intervals)
+    usable = [rr for rr in intervals if rr <= longest]
+    if len(usable) < MIN_SHARE_INTERVALS:
+        return 0.0
+    steps = irregular_steps(usable, IRREGULAR_DELTA)
+    return sum(steps) / len(steps)
 
 
 class RhythmState:
@@ -63,6 +91,7 @@ class RhythmState:
             if len(recent) > 1:
                 steps = sum(abs(b - a) for a, b in zip(recent, recent[1:]))
                 features[7] = steps / (len(recent) - 1) / local
+            features[8] = irregular_share(self.intervals)
             if rr is not None:
                 features[2] = rr / local
                 features[3] = rr / self.intervals[-1]

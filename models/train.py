@@ -32,7 +32,7 @@ from models.model import (
 from models.rhythm import sequence_features
 from models.templates import TemplateSpec
 
-MODEL_VERSION = "2.1.0"
+MODEL_VERSION = "2.2.0"
 NO_MLII = ("102", "104")
 
 
@@ -181,6 +181,8 @@ def train(cfg: TrainConfig, data_dir: Path, progress: bool = True):
             detach_heads=cfg.detach_heads,
             head_dropout=cfg.head_dropout,
             premature_ratio=cfg.premature_ratio,
+            premature_long_ratio=cfg.premature_long_ratio,
+            premature_af_share=cfg.premature_af_share,
         )
     )
     weights = class_weights(

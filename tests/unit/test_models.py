@@ -18,10 +18,12 @@ from models.model import (
     EcgNet,
     NetConfig,
     load_checkpoint,
+    premature_supraventricular,
     repair,
     save_checkpoint,
     trace_repair,
 )
+from models.rhythm import FEATURES, UNKNOWN
 from models.train import train
 
 
@@ -269,3 +271,23 @@ def test_tiny_training_learns_and_is_reproducible(data_dir):
     first, last = meta_a["history"][0], meta_a["history"][-1]
     assert last["loss"] < first["loss"]
     assert meta_a["anomaly_threshold"] > 0
+
+
+def test_the_prematurity_rule_calls_early_normal_beats_s_outside_fibrillation():
+    """Early against the recent or the longer-term RR: S; the same beat while the rhythm is as
+    irregular as AF's: the class head's verdict. Only the N/S split moves."""
+    config = NetConfig(premature_ratio=0.8, premature_long_ratio=0.85, premature_af_share=0.55)
+    head = torch.tensor([[0.7, 0.1, 0.15, 0.05, 0.0]]).repeat(5, 1)
+    rhythm = np.tile(UNKNOWN, (5, 1))
+    rhythm[:, FEATURES.index("rr_known")] = 1
+    col = {name: FEATURES.index(name) for name in FEATURES}
+    rhythm[0, [col["pre_rr_vs_local"], col["pre_rr_vs_long"]]] = 1.0, 1.0  # on time
+    rhythm[1, [col["pre_rr_vs_local"], col["pre_rr_vs_long"]]] = 0.6, 0.6  # early
+    rhythm[2, [col["pre_rr_vs_local"], col["pre_rr_vs_long"]]] = 0.95, 0.7  # an atrial run
+    rhythm[3, [col["pre_rr_vs_local"], col["pre_rr_vs_long"]]] = 0.6, 0.6
+    rhythm[3, col["irregular_share"]] = 0.8  # ... in fibrillation
+    rhythm[4] = UNKNOWN  # no RR: nothing to say
+    out = premature_supraventricular(head, torch.from_numpy(rhythm), config)
+    assert out.argmax(1).tolist() == [0, 1, 1, 0, 0]
+    assert torch.allclose(out[:, 2:], head[:, 2:]) and torch.allclose(out.sum(1), head.sum(1))
+    assert torch.allclose(out[[0, 3, 4]], head[[0, 3, 4]], atol=1e-3)

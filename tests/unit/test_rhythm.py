@@ -7,6 +7,7 @@ import pytest
 
 from models import masks
 from models.rhythm import (
+    FEATURES,
     MAX_RR_S,
     N_FEATURES,
     RhythmState,
@@ -34,15 +35,34 @@ def test_rr_features_follow_the_definition():
         state.observe(t)
     features, rr = state.observe(12.5)  # premature: half the usual interval
     assert rr == pytest.approx(0.5)
-    known, pre_rr, vs_local, vs_last, local_vs_long, history, vs_long, irregular = features
+    known, pre_rr, vs_local, vs_last, local_vs_long, history, vs_long, irregular, share = features
     assert (known, pre_rr, vs_local, vs_last) == pytest.approx((1, 0.5, 0.5, 0.5))
     assert local_vs_long == pytest.approx(1.0) and history == pytest.approx(2 / 32)
     assert vs_long == pytest.approx(0.5) and irregular == pytest.approx(0.0)
+    assert share == 0.0  # too few intervals to measure
     assert state.heart_rate_bpm() == pytest.approx(60 * 3 / 2.5)
     after_gap, rr = state.observe(13.5, after_gap=True)
     assert rr is None and after_gap[0] == 0 and after_gap[2] == 1.0  # unknown, not invented
     long_pause, rr = state.observe(13.5 + MAX_RR_S + 0.1)
     assert rr is None and long_pause[0] == 0
+
+
+def test_the_irregular_share_sees_fibrillation_not_pauses():
+    """AF's intervals differ beat to beat; a regular rhythm with pauses differs only around
+    each pause, which the share leaves out."""
+    rng = np.random.default_rng(0)
+    shares = {}
+    for name, rr in {
+        "regular": np.full(40, 0.8),
+        "fibrillation": rng.uniform(0.4, 1.2, 40),
+        "pauses": np.where(np.arange(40) % 4 == 3, 2.0, 0.8),  # a 2 s pause every 4th beat
+    }.items():
+        state = RhythmState()
+        for t in np.concatenate([[0.0], np.cumsum(rr)]):
+            features, _ = state.observe(float(t))
+        shares[name] = features[FEATURES.index("irregular_share")]
+    assert shares["regular"] == 0.0 and shares["pauses"] == 0.0
+    assert shares["fibrillation"] > 0.7
 
 
 def test_the_worker_computes_the_training_features_for_the_same_beats(record_100):
