@@ -19,10 +19,11 @@ Rules (every threshold lives in `EpisodeConfig`, with where its default comes fr
 - SVTA: >= `svta_beats` consecutive S at >= `svta_rate_bpm`, not while atrial fibrillation is
   open (an irregular rhythm makes early, S-shaped beats by definition);
 - atrial fibrillation: the share of irregular successive RR intervals (differing by more
-  than `af_delta` of the median) over the last `af_window` intervals that do not touch a V
-  beat, with hysteresis; the episode spans its first to its last irregular interval. It does
-  not open where fewer than `af_min_usable` of the window's beats are usable (dense
-  ventricular ectopy: there a few missed V calls would be all the irregularity left);
+  than `af_delta` of the median) over the last `af_window` intervals that touch no S or V
+  beat (an ectopic beat makes a short and a long interval in any rhythm), with hysteresis; the
+  episode spans its first to its last irregular interval. It does not open where fewer than
+  `af_min_usable` of the window's beats are usable (dense ectopy: there a few missed
+  ectopic calls would be all the irregularity left);
 - bradycardia / tachycardia: the median heart rate of the last `rate_beats` intervals, with
   `rate_hysteresis_bpm` of hysteresis;
 - pause: an RR interval of >= `pause_s` between consecutive seq numbers (seen, not guessed);
@@ -523,12 +524,14 @@ class PatientRhythm:
                 self.book.start_window(name, w, 0, beat, 1.0)
 
     def _atrial_fibrillation(self, beat: Beat, rr: float | None) -> None:
-        """Irregularity of the intervals between classified, non-ventricular beats."""
+        """Irregularity of the intervals between classified beats that are not S or V. An
+        ectopic beat makes a short and a long interval in any rhythm, so the intervals that
+        touch one are kept out, as RR-based AF detectors filter ectopy first."""
         c, w = self.cfg, self.af
         ep = self.book.open.get("atrial_fibrillation")
         if ep is not None:
             ep.add(beat, rr)
-        ectopic = beat.label in (None, "V")
+        ectopic = beat.label in (None, "S", "V")
         if rr is None or ectopic or self.last_ectopic:
             self.last_ectopic = ectopic
             return

@@ -111,11 +111,12 @@ def test_atrial_fibrillation_from_irregular_intervals_only(rhythm):
     assert 0.55 <= opened.confidence <= 1
 
 
-def test_premature_ventricular_beats_do_not_look_like_atrial_fibrillation(rhythm):
+@pytest.mark.parametrize("ectopic", ["V", "S"])
+def test_premature_beats_do_not_look_like_atrial_fibrillation(rhythm, ectopic):
     t, events = 0.0, []
     for seq in range(200):
-        label = "V" if seq % 3 == 2 else "N"  # trigeminy: short-long around each V
-        t += 0.5 if label == "V" else 1.1
+        label = ectopic if seq % 3 == 2 else "N"  # trigeminy: short-long around each one
+        t += 0.5 if label == ectopic else 1.1
         events += rhythm.observe(Beat(seq, t, label, 0.9))
     assert not kinds(events, "atrial_fibrillation")
 
