@@ -17,7 +17,8 @@ Rules (every threshold lives in `EpisodeConfig`, with where its default comes fr
 - bigeminy / trigeminy: V beats every 2nd / 3rd beat for `pattern_cycles` cycles; they close
   after two missed cycles, so one missed V does not split an episode;
 - SVTA: >= `svta_beats` consecutive S at >= `svta_rate_bpm`, not while atrial fibrillation is
-  open (an irregular rhythm makes early, S-shaped beats by definition);
+  open or the AF test's irregularity is at its closing level (an irregular rhythm makes
+  early, S-shaped beats by definition);
 - atrial fibrillation: the share of irregular successive RR intervals (differing by more
   than `af_delta` of the median) over the last `af_window` intervals that touch no S or V
   beat (an ectopic beat makes a short and a long interval in any rhythm), with hysteresis; the
@@ -206,7 +207,9 @@ class Runs:
     v: Run = field(default_factory=Run.empty)
     s: Run = field(default_factory=Run.empty)
 
-    def observe(self, beat: Beat, rr: float | None, book: EpisodeBook, c: EpisodeConfig):
+    def observe(self, beat: Beat, rr: float | None, book: EpisodeBook, c: EpisodeConfig, irregular):
+        """`irregular()`: whether the patient's rhythm is as irregular as AF's closing level
+        (asked only when an S run could start SVTA)."""
         for label in ("V", "S"):
             run = self.v if label == "V" else self.s
             if beat.label != label or not run.extend(beat, rr):
@@ -231,6 +234,7 @@ class Runs:
             s.beats >= c.svta_beats
             and (s.heart_rate_bpm() or 0) >= c.svta_rate_bpm
             and "atrial_fibrillation" not in book.open
+            and not irregular()
         ):
             book.start_run("svta", s, {}, s.confidence())
 
@@ -438,7 +442,7 @@ class PatientRhythm:
             self.book.instant("pause", self._previous(), beat, rr, {"rr_s": round(rr, 3)})
         self._rate(beat, rr)
         self._atrial_fibrillation(beat, rr)
-        self.runs.observe(beat, rr, self.book, self.cfg)
+        self.runs.observe(beat, rr, self.book, self.cfg, self._irregular)
         for name, chain in self.chains.items():
             chain.observe(name, beat, rr, self.book, self.cfg.pattern_cycles)
         for ep in self.book.open.values():
@@ -556,6 +560,15 @@ class PatientRhythm:
             ep.detail["irregular_share"] = share
             if share < c.af_close:
                 self.book.close("atrial_fibrillation", w.last_irregular)
+
+    def _irregular(self) -> bool:
+        """The AF test's share of irregular intervals is at or above its closing level: an
+        irregular rhythm makes early, S-shaped beats without a tachycardia."""
+        w = self.af
+        if len(w.rr) < 2:
+            return False
+        steps = irregular_steps(w.rr, self.cfg.af_delta)
+        return sum(steps) / len(steps) >= self.cfg.af_close
 
     # ------------------------------------------------------------------ snapshots
 

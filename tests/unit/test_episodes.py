@@ -126,6 +126,12 @@ def test_svta_needs_three_fast_s_beats_and_is_silent_during_atrial_fibrillation(
     assert kinds(events, "svta") == [("open", "svta"), ("close", "svta")]
     slow = PatientRhythm("p2", EpisodeConfig())
     assert not kinds(feed(slow, "NNNSSSSNN", rr=0.8), "svta")
+    # an irregular rhythm, before the AF test has the intervals to open an episode
+    irregular, t, events = PatientRhythm("p3", EpisodeConfig()), 100.0, []
+    for seq, label in enumerate("N" * 16 + "SSSS"):
+        t += 0.4 if label == "S" else (0.6, 1.0, 0.75, 1.2)[seq % 4]
+        events += irregular.observe(Beat(seq, t, label, 0.9))
+    assert not kinds(events, "atrial_fibrillation") and not kinds(events, "svta")
 
 
 def test_bradycardia_and_tachycardia_with_hysteresis(rhythm):
