@@ -320,6 +320,15 @@ class Window:
         return len(self.rr) >= self.size
 
 
+def is_irregular(w: Window, c: EpisodeConfig) -> bool:
+    """The AF test's share of irregular intervals is at or above its closing level: an
+    irregular rhythm makes early, S-shaped beats without a tachycardia."""
+    if len(w.rr) < 2:
+        return False
+    steps = irregular_steps(w.rr, c.af_delta)
+    return sum(steps) / len(steps) >= c.af_close
+
+
 class EpisodeBook:
     """One patient's open episodes, and the events of the beat being taken: how an episode
     opens, is closed, or is reported whole (the detectors of PatientRhythm decide when)."""
@@ -442,7 +451,7 @@ class PatientRhythm:
             self.book.instant("pause", self._previous(), beat, rr, {"rr_s": round(rr, 3)})
         self._rate(beat, rr)
         self._atrial_fibrillation(beat, rr)
-        self.runs.observe(beat, rr, self.book, self.cfg, self._irregular)
+        self.runs.observe(beat, rr, self.book, self.cfg, lambda: is_irregular(self.af, self.cfg))
         for name, chain in self.chains.items():
             chain.observe(name, beat, rr, self.book, self.cfg.pattern_cycles)
         for ep in self.book.open.values():
@@ -528,9 +537,8 @@ class PatientRhythm:
                 self.book.start_window(name, w, 0, beat, 1.0)
 
     def _atrial_fibrillation(self, beat: Beat, rr: float | None) -> None:
-        """Irregularity of the intervals between classified beats that are not S or V. An
-        ectopic beat makes a short and a long interval in any rhythm, so the intervals that
-        touch one are kept out, as RR-based AF detectors filter ectopy first."""
+        """Irregularity of the intervals between classified beats that are not S or V (an
+        ectopic beat makes a short and a long interval in any rhythm: filtered first)."""
         c, w = self.cfg, self.af
         ep = self.book.open.get("atrial_fibrillation")
         if ep is not None:
@@ -560,15 +568,6 @@ class PatientRhythm:
             ep.detail["irregular_share"] = share
             if share < c.af_close:
                 self.book.close("atrial_fibrillation", w.last_irregular)
-
-    def _irregular(self) -> bool:
-        """The AF test's share of irregular intervals is at or above its closing level: an
-        irregular rhythm makes early, S-shaped beats without a tachycardia."""
-        w = self.af
-        if len(w.rr) < 2:
-            return False
-        steps = irregular_steps(w.rr, self.cfg.af_delta)
-        return sum(steps) / len(steps) >= self.cfg.af_close
 
     # ------------------------------------------------------------------ snapshots
 
