@@ -12,8 +12,10 @@ Rules (every threshold lives in `EpisodeConfig`, with where its default comes fr
 - runs are consecutive seq numbers with the same class; a beat that is lost or unrecoverable
   ends a run (its class is unknown, so it is never counted as either);
 - ventricular: 2 V a couplet, 3-5 a run, >= `vt_beats` or >= 3 at >= `vt_rate_bpm` ventricular
-  tachycardia (AAMI EC57 counts couplets, short runs of 3-5 and long runs of >= 6). Couplets
-  and short runs are known only when they end and are reported open and closed together;
+  tachycardia (AAMI EC57 counts couplets, short runs of 3-5 and long runs of >= 6), once the
+  mean V confidence of the run's beats reaches `run_confidence` (a run of doubtful V calls
+  is a false critical alarm; its beats still carry their classes). Couplets and short runs
+  are known only when they end and are reported open and closed together;
 - bigeminy / trigeminy: V beats every 2nd / 3rd beat for `pattern_cycles` cycles; they close
   after two missed cycles, so one missed V does not split an episode;
 - SVTA: >= `svta_beats` consecutive S at >= `svta_rate_bpm`, not while atrial fibrillation is
@@ -77,6 +79,7 @@ class EpisodeConfig:
 
     vt_beats: int = 6  # EC57 long run
     vt_rate_bpm: float = 100.0  # VT: >= 3 V above 100 bpm (ACC/AHA/ESC 2006 definition)
+    run_confidence: float = 0.8  # V runs need this mean confidence (DS1 F1 best at 0.75-0.8)
     pattern_cycles: int = 3  # bigeminy/trigeminy from 3 cycles (EC57 counts 3+ cycles)
     svta_beats: int = 3
     svta_rate_bpm: float = 100.0
@@ -101,8 +104,9 @@ class EpisodeConfig:
                 raise ValueError(f"episodes.{name} must be >= 2")
         if self.af_window < 8:
             raise ValueError("episodes.af_window must be >= 8")
-        if not 0 <= self.af_min_usable <= 1:
-            raise ValueError("episodes.af_min_usable must be in [0, 1]")
+        for name in ("af_min_usable", "run_confidence"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"episodes.{name} must be in [0, 1]")
         if not 0 <= self.af_close <= self.af_open <= 1:
             raise ValueError("episodes: need 0 <= af_close <= af_open <= 1")
         if not 0 < self.brady_bpm < self.tachy_bpm:
@@ -213,7 +217,7 @@ class Runs:
         for label in ("V", "S"):
             run = self.v if label == "V" else self.s
             if beat.label != label or not run.extend(beat, rr):
-                self._ended(label, run, book)
+                self._ended(label, run, book, c)
                 run = Run.empty()
                 if beat.label == label:
                     run.extend(beat, rr)
@@ -225,7 +229,9 @@ class Runs:
         if vt := book.open.get("ventricular_tachycardia"):
             if v.beats:
                 vt.add(beat, rr)
-        elif v.beats >= c.vt_beats or (v.beats >= 3 and (v.heart_rate_bpm() or 0) >= c.vt_rate_bpm):
+        elif v.confidence() >= c.run_confidence and (
+            v.beats >= c.vt_beats or (v.beats >= 3 and (v.heart_rate_bpm() or 0) >= c.vt_rate_bpm)
+        ):
             book.start_run("ventricular_tachycardia", v, {}, v.confidence())
         if svta := book.open.get("svta"):
             if s.beats:
@@ -239,14 +245,14 @@ class Runs:
             book.start_run("svta", s, {}, s.confidence())
 
     @staticmethod
-    def _ended(label: str, run: Run, book: EpisodeBook) -> None:
+    def _ended(label: str, run: Run, book: EpisodeBook, c: EpisodeConfig) -> None:
         """A run ended before this beat: close its episode, or report a short run whole."""
         if label == "S":
             if "svta" in book.open:
                 book.close("svta", run.end_time)
         elif "ventricular_tachycardia" in book.open:
             book.close("ventricular_tachycardia", run.end_time)
-        elif run.beats >= 2:
+        elif run.beats >= 2 and run.confidence() >= c.run_confidence:
             book.whole_run("ventricular_couplet" if run.beats == 2 else "ventricular_run", run)
 
 

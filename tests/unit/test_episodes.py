@@ -10,11 +10,15 @@ import pytest
 from models.episodes import Beat, EpisodeConfig, PatientRhythm
 
 
-def feed(rhythm: PatientRhythm, labels: str, rr: float = 0.8, start_seq: int = 0, t0=100.0):
-    """Beats with these labels ('-' = unrecoverable) at a fixed RR; returns the events."""
+def feed(
+    rhythm: PatientRhythm, labels: str, rr: float = 0.8, start_seq: int = 0, t0=100.0, sure=0.9
+):
+    """Beats with these labels ('-' = unrecoverable) at a fixed RR, each called with
+    confidence `sure` (a float, or one per beat); returns the events."""
     events = []
+    sure = [sure] * len(labels) if isinstance(sure, float) else sure
     for i, label in enumerate(labels):
-        beat = Beat(start_seq + i, t0 + i * rr, None if label == "-" else label, 0.9)
+        beat = Beat(start_seq + i, t0 + i * rr, None if label == "-" else label, sure[i])
         events += rhythm.observe(beat)
     return events
 
@@ -55,6 +59,21 @@ def test_ventricular_tachycardia_opens_at_the_third_fast_v_and_closes_at_the_nex
     assert (opened.first_seq, opened.last_seq, opened.beats) == (3, 5, 3)
     assert (closed.last_seq, closed.beats) == (12, 10)
     assert closed.end_time == pytest.approx(100 + 12 * 0.4)
+
+
+def test_v_runs_of_doubtful_calls_are_no_episodes(rhythm):
+    """Ventricular tachycardia is a critical alarm: a run whose V calls are doubtful (mean
+    confidence below run_confidence) opens nothing; the beats keep their own classes."""
+    doubtful = [0.9] * 3 + [0.95, 0.6, 0.7] + [0.9] * 3 + [0.7, 0.75] + [0.9] * 3
+    assert feed(rhythm, "NNNVVVNNNVVNNN", rr=0.4, sure=doubtful) == []
+    sure = [0.9] * 3 + [0.95, 0.6, 0.9] + [0.9] * 3 + [0.7, 0.9] + [0.9] * 3
+    events = feed(PatientRhythm("p2", EpisodeConfig()), "NNNVVVNNNVVNNN", rr=0.4, sure=sure)
+    assert kinds(events) == [
+        ("open", "ventricular_tachycardia"),
+        ("close", "ventricular_tachycardia"),
+        ("close", "ventricular_couplet"),
+    ]
+    assert events[0].episode.confidence == pytest.approx(0.817, abs=1e-3)
 
 
 def test_a_slow_run_of_six_is_ventricular_tachycardia_too(rhythm):
