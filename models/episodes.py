@@ -211,9 +211,11 @@ class Runs:
     v: Run = field(default_factory=Run.empty)
     s: Run = field(default_factory=Run.empty)
 
-    def observe(self, beat: Beat, rr: float | None, book: EpisodeBook, c: EpisodeConfig, irregular):
-        """`irregular()`: whether the patient's rhythm is as irregular as AF's closing level
-        (asked only when an S run could start SVTA)."""
+    def observe(
+        self, beat: Beat, rr: float | None, book: EpisodeBook, c: EpisodeConfig, af: Window
+    ):
+        """`af`: the AF test's window; no SVTA starts while its share of irregular intervals
+        is at AF's closing level (an irregular rhythm makes early, S-shaped beats)."""
         for label in ("V", "S"):
             run = self.v if label == "V" else self.s
             if beat.label != label or not run.extend(beat, rr):
@@ -240,7 +242,7 @@ class Runs:
             s.beats >= c.svta_beats
             and (s.heart_rate_bpm() or 0) >= c.svta_rate_bpm
             and "atrial_fibrillation" not in book.open
-            and not irregular()
+            and af.irregular_share(c.af_delta) < c.af_close
         ):
             book.start_run("svta", s, {}, s.confidence())
 
@@ -325,14 +327,13 @@ class Window:
     def full(self) -> bool:
         return len(self.rr) >= self.size
 
+    def steps(self, delta: float) -> list[bool]:
+        """Which successive intervals differ by more than delta of the median (the AF test)."""
+        return irregular_steps(self.rr, delta) if len(self.rr) >= 2 else []
 
-def is_irregular(w: Window, c: EpisodeConfig) -> bool:
-    """The AF test's share of irregular intervals is at or above its closing level: an
-    irregular rhythm makes early, S-shaped beats without a tachycardia."""
-    if len(w.rr) < 2:
-        return False
-    steps = irregular_steps(w.rr, c.af_delta)
-    return sum(steps) / len(steps) >= c.af_close
+    def irregular_share(self, delta: float) -> float:
+        steps = self.steps(delta)
+        return sum(steps) / len(steps) if steps else 0.0
 
 
 class EpisodeBook:
@@ -457,7 +458,7 @@ class PatientRhythm:
             self.book.instant("pause", self._previous(), beat, rr, {"rr_s": round(rr, 3)})
         self._rate(beat, rr)
         self._atrial_fibrillation(beat, rr)
-        self.runs.observe(beat, rr, self.book, self.cfg, lambda: is_irregular(self.af, self.cfg))
+        self.runs.observe(beat, rr, self.book, self.cfg, self.af)
         for name, chain in self.chains.items():
             chain.observe(name, beat, rr, self.book, self.cfg.pattern_cycles)
         for ep in self.book.open.values():
@@ -555,9 +556,9 @@ class PatientRhythm:
             return
         self.last_ectopic = False
         w.push(rr, beat)
-        if len(w.rr) < 2:
+        steps = w.steps(c.af_delta)
+        if not steps:
             return
-        steps = irregular_steps(w.rr, c.af_delta)
         if steps[-1]:
             w.last_irregular = beat.time
         if not w.full():

@@ -29,7 +29,7 @@ from torch import nn
 
 from models.baselines import linear_fill_tensor
 from models.batches import Repair
-from models.rhythm import N_FEATURES
+from models.rhythm import FEATURES, N_FEATURES
 from models.rhythm import UNKNOWN as RHYTHM_UNKNOWN
 from models.templates import N_MORPH, UNKNOWN_MORPH, TemplateSpec
 
@@ -184,6 +184,11 @@ class RepairPass(nn.Module):
 
 
 PREMATURE_SOFTNESS = 0.025  # width of the soft step around the prematurity threshold
+# the context columns the prematurity rule reads
+RR_KNOWN, VS_LOCAL, VS_LONG, AF_SHARE = (
+    FEATURES.index(name)
+    for name in ("rr_known", "pre_rr_vs_local", "pre_rr_vs_long", "irregular_share")
+)
 
 
 def premature_supraventricular(probabilities, context, config: NetConfig):
@@ -199,13 +204,13 @@ def premature_supraventricular(probabilities, context, config: NetConfig):
     the verdict is withheld while the AF test's share of irregular intervals is high.
     The probability of a supraventricular morphology (N + S) is kept and split between N and
     S: S gets at least the share the soft steps give."""
-    known = context[:, 0] > 0
-    premature = torch.sigmoid((config.premature_ratio - context[:, 2]) / PREMATURE_SOFTNESS)
+    known = context[:, RR_KNOWN] > 0
+    premature = torch.sigmoid((config.premature_ratio - context[:, VS_LOCAL]) / PREMATURE_SOFTNESS)
     if config.premature_long_ratio:
-        early = (config.premature_long_ratio - context[:, 6]) / PREMATURE_SOFTNESS
+        early = (config.premature_long_ratio - context[:, VS_LONG]) / PREMATURE_SOFTNESS
         premature = torch.maximum(premature, torch.sigmoid(early))
     if config.premature_af_share:
-        regular = (config.premature_af_share - context[:, 8]) / PREMATURE_SOFTNESS
+        regular = (config.premature_af_share - context[:, AF_SHARE]) / PREMATURE_SOFTNESS
         premature = premature * torch.sigmoid(regular)
     premature = premature * known
     supra = probabilities[:, 0] + probabilities[:, 1]
