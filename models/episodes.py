@@ -12,9 +12,10 @@ Rules (every threshold lives in `EpisodeConfig`, with where its default comes fr
 - runs are consecutive seq numbers with the same class; a beat that is lost or unrecoverable
   ends a run (its class is unknown, so it is never counted as either);
 - ventricular: 2 V a couplet, 3-5 a run, >= `vt_beats` or >= 3 at >= `vt_rate_bpm` ventricular
-  tachycardia (AAMI EC57 counts couplets, short runs of 3-5 and long runs of >= 6), once the
-  mean V confidence of the run's beats reaches `run_confidence` (a run of doubtful V calls
-  is a false critical alarm; its beats still carry their classes). Couplets and short runs
+  tachycardia (AAMI EC57 counts couplets, short runs of 3-5 and long runs of >= 6). A run
+  shorter than `vt_beats` counts only if the mean V confidence of its beats reaches
+  `run_confidence`: a short run of doubtful V calls is a false critical alarm (its beats
+  still carry their classes), while a long run is evidence enough. Couplets and short runs
   are known only when they end and are reported open and closed together;
 - bigeminy / trigeminy: V beats every 2nd / 3rd beat for `pattern_cycles` cycles; they close
   after two missed cycles, so one missed V does not split an episode;
@@ -79,7 +80,7 @@ class EpisodeConfig:
 
     vt_beats: int = 6  # EC57 long run
     vt_rate_bpm: float = 100.0  # VT: >= 3 V above 100 bpm (ACC/AHA/ESC 2006 definition)
-    run_confidence: float = 0.8  # V runs need this mean confidence (DS1 F1 best at 0.75-0.8)
+    run_confidence: float = 0.8  # runs < vt_beats need this mean V confidence (DS1-chosen)
     pattern_cycles: int = 3  # bigeminy/trigeminy from 3 cycles (EC57 counts 3+ cycles)
     svta_beats: int = 3
     svta_rate_bpm: float = 100.0
@@ -231,8 +232,10 @@ class Runs:
         if vt := book.open.get("ventricular_tachycardia"):
             if v.beats:
                 vt.add(beat, rr)
-        elif v.confidence() >= c.run_confidence and (
-            v.beats >= c.vt_beats or (v.beats >= 3 and (v.heart_rate_bpm() or 0) >= c.vt_rate_bpm)
+        elif v.beats >= c.vt_beats or (
+            v.beats >= 3
+            and (v.heart_rate_bpm() or 0) >= c.vt_rate_bpm
+            and v.confidence() >= c.run_confidence
         ):
             book.start_run("ventricular_tachycardia", v, {}, v.confidence())
         if svta := book.open.get("svta"):

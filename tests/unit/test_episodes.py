@@ -62,8 +62,8 @@ def test_ventricular_tachycardia_opens_at_the_third_fast_v_and_closes_at_the_nex
 
 
 def test_v_runs_of_doubtful_calls_are_no_episodes(rhythm):
-    """Ventricular tachycardia is a critical alarm: a run whose V calls are doubtful (mean
-    confidence below run_confidence) opens nothing; the beats keep their own classes."""
+    """Ventricular tachycardia is a critical alarm: a short run whose V calls are doubtful
+    (mean confidence below run_confidence) opens nothing; the beats keep their classes."""
     doubtful = [0.9] * 3 + [0.95, 0.6, 0.7] + [0.9] * 3 + [0.7, 0.75] + [0.9] * 3
     assert feed(rhythm, "NNNVVVNNNVVNNN", rr=0.4, sure=doubtful) == []
     sure = [0.9] * 3 + [0.95, 0.6, 0.9] + [0.9] * 3 + [0.7, 0.9] + [0.9] * 3
@@ -74,6 +74,13 @@ def test_v_runs_of_doubtful_calls_are_no_episodes(rhythm):
         ("close", "ventricular_couplet"),
     ]
     assert events[0].episode.confidence == pytest.approx(0.817, abs=1e-3)
+    # a long run is evidence enough: ventricular tachycardia at its vt_beats-th V
+    events = feed(PatientRhythm("p3", EpisodeConfig()), "NNN" + "V" * 8 + "N", rr=0.4, sure=0.6)
+    assert kinds(events) == [
+        ("open", "ventricular_tachycardia"),
+        ("close", "ventricular_tachycardia"),
+    ]
+    assert (events[0].episode.beats, events[0].episode.confidence) == (6, 0.6)
 
 
 def test_a_slow_run_of_six_is_ventricular_tachycardia_too(rhythm):
