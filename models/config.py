@@ -24,7 +24,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 3e-3
     seed: int = 0
-    hidden: int = 64
+    hidden: int = 48  # units per direction: 64 classify as well on DS2, at a 1.23x slower pass
     layers: int = 1
     patch: int = 8  # samples per recurrent step: 24 steps per beat
     latent: int = 16

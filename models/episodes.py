@@ -80,7 +80,7 @@ class EpisodeConfig:
 
     vt_beats: int = 6  # EC57 long run
     vt_rate_bpm: float = 100.0  # VT: >= 3 V above 100 bpm (ACC/AHA/ESC 2006 definition)
-    run_confidence: float = 0.8  # runs < vt_beats need this mean V confidence (DS1-chosen)
+    run_confidence: float = 0.7  # runs < vt_beats need this mean V confidence (DS1-chosen)
     pattern_cycles: int = 3  # bigeminy/trigeminy from 3 cycles (EC57 counts 3+ cycles)
     svta_beats: int = 3
     svta_rate_bpm: float = 100.0

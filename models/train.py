@@ -32,7 +32,7 @@ from models.model import (
 from models.rhythm import sequence_features
 from models.templates import TemplateSpec
 
-MODEL_VERSION = "2.2.0"
+MODEL_VERSION = "2.3.0"
 NO_MLII = ("102", "104")
 
 
