@@ -177,9 +177,7 @@ class TemplateStore:
         history = self.history[slots]  # (n, 2, k, width)
         flags, values = history[:, 0], history[:, 1]
         valid = np.arange(k) < np.minimum(self.seen[slots], k)[:, None]
-        usual = _weighted_mean(
-            valid.astype(np.float32), np.zeros((n, k), np.float32), flags, values
-        )
+        usual = _weighted_mean(valid.astype(np.float32), None, flags, values)
         offset = np.zeros((n, k), np.float32)
         chosen = valid
         best_distance = np.full(n, np.nan, np.float32)
@@ -229,9 +227,11 @@ class TemplateStore:
 
 def _weighted_mean(weights, offset, flags, values) -> np.ndarray:
     """Per row, the mean of the chosen previous beats (weights (n, k)), each shifted by its
-    offset, over the samples each observed; NaN where none did."""
+    offset (None: unshifted), over the samples each observed; NaN where none did."""
     w = weights[:, None, :]
-    total = ((w * offset[:, None, :]) @ flags + w @ values)[:, 0]
+    total = (w @ values)[:, 0]
+    if offset is not None:
+        total = ((w * offset[:, None, :]) @ flags)[:, 0] + total
     observed = (w @ flags)[:, 0]
     mean = np.full(total.shape, np.nan, np.float32)
     return np.divide(total, observed, out=mean, where=observed > 0)
