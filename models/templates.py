@@ -17,7 +17,6 @@ a few array operations; training, evaluation and the worker all use it.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -213,16 +212,26 @@ class TemplateStore:
         enough = (held >= MIN_MORPH_HISTORY) & np.isfinite(mean)
         if not enough.any():
             return morph
-        with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no history yet
-            scale = np.nanmedian(earlier[enough], axis=2)  # (m, 2)
+        scale = nanmedian_last(earlier[enough])  # (m, 2)
         current = np.stack([best[enough], mean[enough]], 1)
-        ratio = np.log((current + 1e-6) / (scale + 1e-6))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = np.log((current + 1e-6) / (scale + 1e-6))
         ratio = np.where(np.isfinite(ratio), np.clip(ratio, -4.0, 6.0), 0.0)
         morph[enough, 0] = 1.0
         morph[enough, 1:3] = ratio
         morph[enough, 3] = np.minimum(np.sqrt(mean[enough]), 1.0)
         return morph
+
+
+def nanmedian_last(a: np.ndarray) -> np.ndarray:
+    """`np.nanmedian(a, axis=-1)`, value for value (NaN where a row holds no number), from
+    one sort: numpy's own is ~6x slower on the short rows of a batch's distances."""
+    ordered = np.sort(a, axis=-1)  # NaN sorts last
+    count = (~np.isnan(a)).sum(-1, keepdims=True)
+    lower = np.take_along_axis(ordered, np.maximum(count - 1, 0) // 2, -1)[..., 0]
+    upper = np.take_along_axis(ordered, np.minimum(count // 2, a.shape[-1] - 1), -1)[..., 0]
+    median = np.where(count[..., 0] % 2 == 1, lower, (lower + upper) / 2)
+    return np.where(count[..., 0] > 0, median, np.nan).astype(a.dtype)
 
 
 def _weighted_mean(weights, offset, flags, values) -> np.ndarray:

@@ -148,6 +148,23 @@ def test_matched_template_agrees_with_a_brute_force_reference(record_100):
         assert np.allclose(got[i], expected, atol=1e-4, equal_nan=True), i
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_nanmedian_last_is_numpys_nanmedian_value_for_value(seed):
+    """The morphology scales' median gives numpy's values exactly, so the features (and the
+    trained weights) do not move with it: odd and even counts, all-NaN and full rows."""
+    rng = np.random.default_rng(seed)
+    a = (rng.random((300, 2, 40)) ** 3 * rng.choice([1e-3, 1.0, 50.0], (300, 2, 1))).astype(
+        np.float32
+    )
+    a[rng.random(a.shape) < rng.random((300, 1, 1))] = np.nan
+    a[0] = np.nan
+    with np.errstate(invalid="ignore"), pytest.warns(RuntimeWarning):  # the all-NaN rows
+        expected = np.nanmedian(a, axis=2)
+    got = T.nanmedian_last(a)
+    assert got.dtype == np.float32
+    assert np.array_equal(got, expected, equal_nan=True)
+
+
 def test_matched_template_finds_the_patients_earlier_ectopic_beats():
     width = 60
     t = np.linspace(0, 1, width)
