@@ -41,6 +41,8 @@ train: train-inter train-intra train-ecg5000
 train-inter: install
 	$(BIN)/ecg-stream train --split inter --output models/weights/ecgnet-ds1.pt
 
+# train-intra and train-ecg5000 train the current network; the committed intra and ECG5000
+# checkpoints are EcgNet 1.0.0 from older code (models/MODEL_CARD.md, Training).
 train-intra: install
 	$(BIN)/ecg-stream train --split intra --epochs 10 --set train.beats_per_epoch=40000 \
 		--output models/weights/ecgnet-intra.pt
