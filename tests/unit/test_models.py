@@ -21,6 +21,7 @@ from models.model import (
     premature_supraventricular,
     repair,
     save_checkpoint,
+    single_channel_conv,
     trace_repair,
 )
 from models.rhythm import FEATURES, UNKNOWN
@@ -222,6 +223,20 @@ def test_repair_never_changes_an_observed_sample(checkpoint, record_100):
         assert np.allclose(served.samples, out.samples[rows], atol=1e-5)
         assert np.allclose(served.probabilities, out.probabilities[rows], atol=1e-6)
         assert np.allclose(served.anomaly_score, out.anomaly_score[rows], rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 256])
+def test_single_channel_conv_is_the_convolution(rows):
+    """The inference form of the refiner's last convolution gives conv1d's output up to float
+    rounding, so serving it moves no fill beyond that."""
+    torch.manual_seed(rows)
+    conv = torch.nn.Conv1d(16, 1, 9, padding=4)
+    x = torch.randn(rows, 16, 187)
+    with torch.no_grad():
+        expected = conv(x).squeeze(1)
+        got = single_channel_conv(x, conv.weight, conv.bias)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-5)
 
 
 def test_checkpoint_round_trip(tmp_path):
