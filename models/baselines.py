@@ -22,13 +22,11 @@ def linear_fill(beats: np.ndarray, missing: np.ndarray) -> np.ndarray:
 
 
 def linear_fill_tensor(beats: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
-    """`linear_fill` on tensors, in torch ops only, so that it runs inside the traced repair
-    pass (`models.model.trace_repair`)."""
+    """`linear_fill` on tensors, in torch ops only, so that it runs inside the served repair
+    pass (`models.model.RepairPass`, exported to ONNX)."""
     width = beats.shape[1]
     pos = torch.arange(width).expand_as(beats)
-    observed = ~missing
-    prev = torch.where(observed, pos, -1).cummax(1).values
-    nxt = torch.where(observed, pos, width).flip(1).cummin(1).values.flip(1)
+    prev, nxt = observed_neighbours(missing)
     has_prev, has_next = prev >= 0, nxt < width
     left = beats.gather(1, prev.clamp(0, width - 1))
     right = beats.gather(1, nxt.clamp(0, width - 1))
@@ -37,6 +35,22 @@ def linear_fill_tensor(beats: torch.Tensor, missing: torch.Tensor) -> torch.Tens
     filled = torch.where(has_prev & has_next, inner, torch.where(has_prev, left, right))
     filled = torch.where(has_prev | has_next, filled, torch.zeros_like(filled))
     return torch.where(missing, filled, beats)
+
+
+def observed_neighbours(missing: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prev, next): per sample, the position of the nearest observed sample at or before it
+    and at or after it (-1 and the width where there is none). Computed from the row's
+    observed positions in order and a running count, not a running max, so that it exports to
+    ONNX (which has no cumulative max)."""
+    width = missing.shape[1]
+    observed = ~missing
+    pos = torch.arange(width).expand_as(missing)
+    in_order = torch.argsort(torch.where(observed, pos, pos + width), dim=1)  # observed first
+    through = torch.cumsum(observed.long(), 1)  # observed samples at or before each sample
+    before = through - observed.long()  # ... strictly before it
+    prev = torch.where(through > 0, in_order.gather(1, (through - 1).clamp(min=0)), -1)
+    nxt = in_order.gather(1, before.clamp(max=width - 1))
+    return prev, torch.where(before < through[:, -1:], nxt, width)
 
 
 def spline_fill(beats: np.ndarray, missing: np.ndarray) -> np.ndarray:

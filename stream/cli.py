@@ -434,11 +434,11 @@ def cmd_worker(cfg, args):
         from stream.model_process import ModelProcess
 
         # Loads (and warms up) while the topics are checked.
-        engine = ModelProcess(m.checkpoint, m.torch_threads, cfg.worker.max_batch)
+        engine = ModelProcess(m.checkpoint, m.torch_threads, cfg.worker.max_batch, m.runtime)
     else:
         from stream.engine import Engine
 
-        engine = Engine.load(m.checkpoint, m.torch_threads, cfg.worker.max_batch)
+        engine = Engine.load(m.checkpoint, m.torch_threads, cfg.worker.max_batch, m.runtime)
     try:
         ensure_topics(cfg.kafka, cfg.topics)
         if m.separate_process:

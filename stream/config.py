@@ -56,6 +56,9 @@ class ModelConfig:
     torch_threads: Annotated[int, Range(1, 256)] = 1
     # worker: the model in its own process, beside the Kafka I/O process
     separate_process: bool = True
+    # auto: each batch size on the faster of torchscript and onnx (ONNX Runtime), measured at
+    # start-up on this CPU; or torchscript / onnx for every size
+    runtime: str = "auto"
 
 
 @dataclass
@@ -350,6 +353,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("simulator.dropout.noise must be one of '', bw, em, ma")
     if cfg.kafka.heartbeat_interval_ms >= cfg.kafka.session_timeout_ms:
         raise ConfigError("kafka.heartbeat_interval_ms must be below kafka.session_timeout_ms")
+    if cfg.model.runtime not in ("auto", "torchscript", "onnx"):
+        raise ConfigError("model.runtime must be auto, torchscript or onnx")
     if cfg.kafka.compression not in ("none", "gzip", "snappy", "lz4", "zstd"):
         raise ConfigError("kafka.compression must be none, gzip, snappy, lz4 or zstd")
     bad = set(cfg.worker.alert_classes) - {"N", "S", "V", "F", "Q"}

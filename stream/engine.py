@@ -3,9 +3,12 @@ history of the worker's patients."""
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,10 @@ from models.config import DEFAULT_CHECKPOINT
 from models.data import BEAT_LEN
 from models.model import EcgNet, load_checkpoint, repair, trace_repair, unknown_context
 from models.templates import TemplateSpec, TemplateStore
-from stream.config import WorkerConfig
+from stream.config import ModelConfig, WorkerConfig
+
+log = logging.getLogger(__name__)
+RUNTIMES = ("auto", "torchscript", "onnx")
 
 
 def padded_rows(n: int) -> int:
@@ -38,7 +44,13 @@ class Engine:
     net: EcgNet
     version: str
     threshold: float
+    # auto: each batch size served by the faster of TorchScript and ONNX Runtime, measured by
+    # warm_up on this CPU (`models.onnx_pass`); or one of them for every size
+    runtime: str = "auto"
+    threads: int = 1
     runner: torch.jit.ScriptModule = field(init=False, repr=False)  # trace_repair(net)
+    onnx: Callable | None = field(default=None, init=False, repr=False)  # OnnxRepair(net)
+    chosen: dict[int, str] = field(default_factory=dict, init=False)  # padded rows -> runtime
     templates: TemplateStore = field(init=False, repr=False)  # by slot (the worker's registry)
     executor: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
     # Beats/s of one pass at the largest batch, measured by warm_up on this machine's CPU:
@@ -46,19 +58,49 @@ class Engine:
     throughput: float = field(default=0.0, init=False)
 
     def __post_init__(self):
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"model.runtime must be one of {', '.join(RUNTIMES)}")
         self.runner = trace_repair(self.net)
+        if self.runtime != "torchscript":
+            try:
+                from models.onnx_pass import OnnxRepair
+
+                self.onnx = OnnxRepair(self.net, self.threads)
+            except Exception as exc:  # noqa: BLE001 - auto: TorchScript alone still serves
+                if self.runtime == "onnx":
+                    raise
+                log.warning("ONNX Runtime unavailable, serving with TorchScript only: %s", exc)
         self.templates = self.template.store(BEAT_LEN)
 
     @classmethod
     def load(
-        cls, checkpoint: str | Path = "", threads: int = 2, max_batch: int = WorkerConfig.max_batch
+        cls,
+        checkpoint: str | Path = "",
+        threads: int = 2,
+        max_batch: int = WorkerConfig.max_batch,
+        runtime: str = ModelConfig.runtime,
     ) -> Engine:
         """The checkpoint (empty: the packaged one), warmed up for batches up to max_batch."""
         torch.set_num_threads(threads)
         net, meta = load_checkpoint(checkpoint or DEFAULT_CHECKPOINT)
-        engine = cls(net, meta["version"], float(meta["anomaly_threshold"]))
+        engine = cls(net, meta["version"], float(meta["anomaly_threshold"]), runtime, threads)
         engine.warm_up(max_batch)
         return engine
+
+    def runtimes(self) -> dict[str, Callable]:
+        """The passes this engine may serve a batch with, by name (numpy in, Repair out)."""
+        runs = {"torchscript": partial(repair, self.runner), "onnx": self.onnx}
+        return {name: run for name, run in runs.items() if run is not None}
+
+    def describe_runtimes(self) -> str:
+        """Which runtime serves which padded batch sizes, for the start-up log."""
+        spans: list[list] = []
+        for rows, name in sorted(self.chosen.items()):
+            if spans and spans[-1][0] == name:
+                spans[-1][2] = rows
+            else:
+                spans.append([name, rows, rows])
+        return ", ".join(f"{name} {a}-{b}" if a != b else f"{name} {a}" for name, a, b in spans)
 
     @property
     def template(self) -> TemplateSpec:
@@ -105,31 +147,50 @@ class Engine:
         n = len(beats)
         usual = np.full(np.shape(beats), np.nan, np.float32) if usual is None else usual
         context = unknown_context(n) if context is None else context
-        extra = padded_rows(n) - n
-        if not extra:
-            return repair(self.runner, beats, missing, template, lengths, usual, context)
+        rows = padded_rows(n)
+        run = self.runtimes()[self.chosen.get(rows) or self._default_runtime()]
+        if rows == n:
+            return run(beats, missing, template, lengths, usual, context)
+        extra = rows - n
         beats, missing, template, usual, context = (
             np.concatenate([a, np.zeros((extra, a.shape[1]), a.dtype)])
             for a in (beats, missing, template, usual, context)
         )
         lengths = np.concatenate([np.asarray(lengths), np.full(extra, beats.shape[1])])
-        result = repair(self.runner, beats, missing, template, lengths, usual, context)
+        result = run(beats, missing, template, lengths, usual, context)
         return Repair(result.samples[:n], result.probabilities[:n], result.anomaly_score[:n])
 
+    def _default_runtime(self) -> str:
+        """For a size warm_up did not measure: ONNX Runtime if it is the only one asked for."""
+        return "onnx" if self.runtime == "onnx" else "torchscript"
+
     def warm_up(self, max_batch: int = WorkerConfig.max_batch) -> None:
-        """Two throwaway passes at every padded size up to max_batch, so no real batch pays
-        for first-time initialisation (oneDNN kernels per batch shape, TorchScript's
-        optimisation of the graph on its first calls). The second pass at the largest size
-        gives `throughput`."""
+        """Throwaway passes at every padded size up to max_batch, so no real batch pays for
+        first-time initialisation (oneDNN kernels per batch shape, TorchScript's optimisation
+        of the graph on its first calls, ONNX Runtime's buffers). Each runtime runs each size
+        WARM_UP_PASSES times; its fastest pass decides which one serves that size (`chosen`),
+        and the chosen one's at the largest size gives `throughput`."""
         for rows in sorted({padded_rows(n) for n in range(1, max_batch + 1)}):
             beats = np.zeros((rows, BEAT_LEN), np.float32)
-            for _ in range(2):
-                started = time.perf_counter()
-                self.repair(beats, np.zeros_like(beats, bool), beats, np.full(rows, BEAT_LEN))
-            self.throughput = rows / max(time.perf_counter() - started, 1e-9)
+            args = (beats, np.zeros_like(beats, bool), beats, np.full(rows, BEAT_LEN))
+            args += (np.full_like(beats, np.nan), unknown_context(rows))
+            seconds = {}
+            for name, run in self.runtimes().items():
+                seconds[name] = min(_timed(run, args) for _ in range(WARM_UP_PASSES))
+            self.chosen[rows] = min(seconds, key=seconds.get)
+            self.throughput = rows / max(seconds[self.chosen[rows]], 1e-9)
 
     def close(self) -> None:
         """Stop the inference thread (batches not started yet are dropped)."""
         if self.executor is not None:
             self.executor.shutdown(cancel_futures=True)
             self.executor = None
+
+
+WARM_UP_PASSES = 3
+
+
+def _timed(run: Callable, args: tuple) -> float:
+    started = time.perf_counter()
+    run(*args)
+    return time.perf_counter() - started

@@ -33,7 +33,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from models.batches import ModelBatch, Repair
-from stream.config import WorkerConfig
+from stream.config import ModelConfig, WorkerConfig
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 300.0  # importing torch and tracing the model on a slow, busy node
@@ -51,7 +51,11 @@ class ModelProcess:
     close), served by a child process."""
 
     def __init__(
-        self, checkpoint: str | Path = "", threads: int = 1, max_batch: int = WorkerConfig.max_batch
+        self,
+        checkpoint: str | Path = "",
+        threads: int = 1,
+        max_batch: int = WorkerConfig.max_batch,
+        runtime: str = ModelConfig.runtime,
     ):
         if checkpoint and not Path(checkpoint).is_file():  # before a process is started
             raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
@@ -61,7 +65,7 @@ class ModelProcess:
         self._results, results_out = ctx.Pipe(duplex=False)
         self._process = ctx.Process(
             target=serve,
-            args=(batches_in, results_out, str(checkpoint), threads, max_batch),
+            args=(batches_in, results_out, str(checkpoint), threads, max_batch, runtime),
             name="ecg-model",
             daemon=True,
         )
@@ -90,16 +94,18 @@ class ModelProcess:
             raise self._died() from exc
         if kind == "error":
             raise ModelProcessError(f"model process: {payload}")
-        self.version, self.threshold, self.throughput = payload
+        self.version, self.threshold, self.throughput, runtimes = payload
         self._receiver = threading.Thread(target=self._receive, name="model-results", daemon=True)
         self._receiver.start()
         log.info(
-            "model %s ready in process %d after %.1f s: %.0f beats/s at batch %d on this CPU",
+            "model %s ready in process %d after %.1f s: %.0f beats/s at batch %d on this CPU "
+            "(batch sizes by runtime: %s)",
             self.version,
             self._process.pid,
             time.monotonic() - started,
             self.throughput,
             self._max_batch,
+            runtimes,
         )
         return self
 
@@ -167,19 +173,20 @@ class ModelProcess:
         self.close()
 
 
-def serve(batches, results, checkpoint: str, threads: int, max_batch: int) -> None:
+def serve(batches, results, checkpoint: str, threads: int, max_batch: int, runtime: str) -> None:
     """The child's main: load the model, announce it, then answer batches until EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         from stream.engine import Engine
 
-        engine = Engine.load(checkpoint, threads, max_batch)
+        engine = Engine.load(checkpoint, threads, max_batch, runtime)
     except Exception as exc:  # noqa: BLE001 - reported to the worker, which stops with it
         why = " ".join(str(exc).split())[:300]  # one line for the worker's error message
         results.send(("error", f"cannot load the model: {type(exc).__name__}: {why}"))
         return
-    results.send(("ready", (engine.version, engine.threshold, engine.throughput)))
+    ready = (engine.version, engine.threshold, engine.throughput, engine.describe_runtimes())
+    results.send(("ready", ready))
     gc.freeze()  # the model is long-lived: keep it out of the cyclic collector's scans
     while True:
         try:

@@ -357,8 +357,11 @@ def run_benchmarks(cfg: Config, out: Path, quick: bool = False, compare: str = "
     out.mkdir(parents=True, exist_ok=True)
     scale = 0.1 if quick else 1.0
     torch.set_num_threads(cfg.model.torch_threads)
-    engine = Engine.load(cfg.model.checkpoint, cfg.model.torch_threads, cfg.worker.max_batch)
-    other = Engine.load(compare, cfg.model.torch_threads, cfg.worker.max_batch) if compare else None
+    m = cfg.model
+    engine = Engine.load(m.checkpoint, m.torch_threads, cfg.worker.max_batch, m.runtime)
+    other = (
+        Engine.load(compare, m.torch_threads, cfg.worker.max_batch, m.runtime) if compare else None
+    )
     results: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": machine(),

@@ -11,10 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-import stream.engine
 from models import masks
 from models.batches import ModelBatch
-from models.model import repair
+from models.model import repair, unknown_context
 from models.rhythm import UNKNOWN as RHYTHM_UNKNOWN
 from stream.engine import Engine, padded_rows
 from stream.model_process import ModelProcess, ModelProcessError
@@ -30,9 +29,33 @@ def _batch(record_100, n=64) -> ModelBatch:
     return ModelBatch(slots, slots.tolist(), beats.samples, missing, beats.length, slots, rhythm)
 
 
+def test_each_batch_size_is_served_by_the_runtime_measured_faster(checkpoint, record_100):
+    """auto: both runtimes run every padded size in the warm-up and the faster serves it; they
+    answer alike (float rounding), and neither changes an observed sample. ONNX Runtime is a
+    dependency: auto must have it (its fallback to TorchScript alone is for broken installs)."""
+    engine = Engine.load(checkpoint, threads=1, max_batch=32)
+    assert set(engine.runtimes()) == {"torchscript", "onnx"}
+    assert sorted(engine.chosen) == [1, 2, 4, 8, 16, 24, 32]
+    assert set(engine.chosen.values()) <= {"torchscript", "onnx"}
+    assert engine.describe_runtimes().count(" ") >= 1
+    batch = _batch(record_100, 24)
+    args = (batch.beats, batch.missing, batch.beats, batch.lengths)
+    args += (np.full_like(batch.beats, np.nan), unknown_context(24))
+    by = {name: run(*args) for name, run in engine.runtimes().items()}
+    np.testing.assert_allclose(by["onnx"].samples, by["torchscript"].samples, atol=1e-5)
+    np.testing.assert_allclose(by["onnx"].probabilities, by["torchscript"].probabilities, atol=1e-5)
+    np.testing.assert_allclose(by["onnx"].anomaly_score, by["torchscript"].anomaly_score, atol=1e-5)
+    observed = ~batch.missing
+    for result in by.values():
+        assert np.array_equal(result.samples[observed], batch.beats[observed])
+    only = Engine.load(checkpoint, threads=1, max_batch=8, runtime="torchscript")
+    assert only.onnx is None and set(only.chosen.values()) == {"torchscript"}
+
+
 def test_model_process_answers_like_the_in_process_engine(checkpoint, record_100):
-    local = Engine.load(checkpoint, threads=1)
-    with ModelProcess(checkpoint, threads=1) as remote:
+    # One runtime for every size on both sides (auto may pick differently per process)
+    local = Engine.load(checkpoint, threads=1, runtime="onnx")
+    with ModelProcess(checkpoint, threads=1, runtime="onnx") as remote:
         remote.wait_ready()
         assert (remote.version, remote.threshold) == (local.version, local.threshold)
         # Both measured their own pass in the warm-up (what the worker logs and exports).
@@ -63,12 +86,16 @@ def test_the_engine_runs_a_few_padded_sizes_and_answers_for_the_real_rows(
     args = (batch.beats, batch.missing, batch.beats, batch.lengths)  # the beat as its template
     want = repair(engine.runner, *args)
     passes = []
+    runtimes = engine.runtimes()
 
-    def counted(runner, beats, *rest):
-        passes.append(len(beats))
-        return repair(runner, beats, *rest)
+    def counted(run):
+        def pass_(beats, *rest):
+            passes.append(len(beats))
+            return run(beats, *rest)
 
-    monkeypatch.setattr(stream.engine, "repair", counted)
+        return pass_
+
+    monkeypatch.setattr(engine, "runtimes", lambda: {k: counted(v) for k, v in runtimes.items()})
     got = engine.repair(*args)
     assert passes == [16]  # 13 beats run as 16 rows
     assert got.samples.shape == batch.beats.shape and got.anomaly_score.shape == (13,)

@@ -239,6 +239,42 @@ def test_single_channel_conv_is_the_convolution(rows):
     assert torch.allclose(got, expected, atol=1e-5)
 
 
+def test_observed_neighbours_are_the_running_max_and_min_of_observed_positions():
+    """The linear fill's neighbours, computed without a scan op (ONNX has none), are the
+    running max / min of the observed positions: the same fill bit for bit."""
+    rng = np.random.default_rng(4)
+    missing = torch.from_numpy(rng.random((400, 187)) < rng.random((400, 1)))
+    missing[0], missing[1] = True, False  # nothing observed, everything observed
+    pos = torch.arange(187).expand_as(missing)
+    prev, nxt = B.observed_neighbours(missing)
+    assert torch.equal(prev, torch.where(~missing, pos, -1).cummax(1).values)
+    assert torch.equal(nxt, torch.where(~missing, pos, 187).flip(1).cummin(1).values.flip(1))
+
+
+def test_onnx_export_is_cached_per_network(tmp_path, monkeypatch):
+    """A network is exported once per cache; another network (other weights) is exported
+    again; a cached graph answers as the exported one did."""
+    from models import onnx_pass
+
+    net = EcgNet(NetConfig(beat_len=64, patch=8, hidden=8, refine=4, context=True))
+    exports = []
+    real = onnx_pass.export_repair
+    monkeypatch.setattr(onnx_pass, "export_repair", lambda n: exports.append(1) or real(n))
+    first = onnx_pass.cached_export(net, tmp_path)
+    assert onnx_pass.cached_export(net, tmp_path) == first and len(exports) == 1
+    torch.nn.init.zeros_(net.gap_head.bias)
+    with torch.no_grad():
+        net.gap_head.bias += 1.0
+    assert onnx_pass.cached_export(net, tmp_path) != first and len(exports) == 2
+    beats = np.random.default_rng(0).random((3, 64), dtype=np.float32)
+    missing = np.zeros(beats.shape, bool)
+    missing[:, 20:30] = True
+    args = (beats, missing, beats, np.full(3, 64), beats, np.zeros((3, 13), np.float32))
+    served = onnx_pass.OnnxRepair(net, model=onnx_pass.cached_export(net, tmp_path))(*args)
+    np.testing.assert_allclose(served.samples, repair(net, *args).samples, atol=1e-5)
+    assert np.array_equal(served.samples[~missing], beats[~missing])
+
+
 def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     net = EcgNet(NetConfig(hidden=16, latent=4)).eval()
