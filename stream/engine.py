@@ -148,7 +148,7 @@ class Engine:
         usual = np.full(np.shape(beats), np.nan, np.float32) if usual is None else usual
         context = unknown_context(n) if context is None else context
         rows = padded_rows(n)
-        run = self.runtimes()[self.chosen.get(rows) or self._default_runtime()]
+        run = self.runtimes()[self.runtime_for(n)]
         if rows == n:
             return run(beats, missing, template, lengths, usual, context)
         extra = rows - n
@@ -160,9 +160,11 @@ class Engine:
         result = run(beats, missing, template, lengths, usual, context)
         return Repair(result.samples[:n], result.probabilities[:n], result.anomaly_score[:n])
 
-    def _default_runtime(self) -> str:
-        """For a size warm_up did not measure: ONNX Runtime if it is the only one asked for."""
-        return "onnx" if self.runtime == "onnx" else "torchscript"
+    def runtime_for(self, n: int) -> str:
+        """The runtime a pass of n beats runs on: the one warm_up chose for its padded size;
+        beyond the sizes it measured, ONNX Runtime if it is the only one asked for."""
+        default = "onnx" if self.runtime == "onnx" else "torchscript"
+        return self.chosen.get(padded_rows(n), default)
 
     def warm_up(self, max_batch: int = WorkerConfig.max_batch) -> None:
         """Throwaway passes at every padded size up to max_batch, so no real batch pays for

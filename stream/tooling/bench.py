@@ -103,11 +103,13 @@ def model_throughput(
         row = {
             "batch": b,
             "shipped": _rate(served(engine), b, min_seconds),
+            "runtime": engine.runtime_for(b),
             "reference": _rate(reference, b, min_seconds),
             "threads": torch.get_num_threads(),
         }
         if compare is not None:
             row["compare"] = _rate(served(compare), b, min_seconds)
+            row["compare_runtime"] = compare.runtime_for(b)
         rows.append(row)
     torch.set_num_threads(before)
     return rows
@@ -461,23 +463,24 @@ def render(r: dict) -> str:
         f"Date {r['date']}; {r['machine']}; model {r['model_version']}; worker batching "
         f"max_batch={r['max_batch']}, max_wait_ms={r['max_wait_ms']}",
         "",
-        "| batch | torch threads | shipped EcgNet (beats/s) | reference AE + classifier "
-        "(beats/s) | ratio |"
+        "| batch | torch threads | shipped EcgNet (beats/s) | runtime | reference AE + "
+        "classifier (beats/s) | ratio |"
         + (
-            f" compared: {r['compare_version']} (beats/s) | shipped / compared |"
+            f" compared: {r['compare_version']} (beats/s, runtime) | shipped / compared |"
             if r.get("compare_version")
             else ""
         ),
-        "|---:|---:|---:|---:|---:|" + ("---:|---:|" if r.get("compare_version") else ""),
+        "|---:|---:|---:|---|---:|---:|" + ("---:|---:|" if r.get("compare_version") else ""),
     ]
     for row in r["model"] + r.get("model_all_cores", []):
         compared = (
-            f" {row['compare']:,.0f} | {row['shipped'] / row['compare']:.2f}x |"
+            f" {row['compare']:,.0f} ({row['compare_runtime']}) | "
+            f"{row['shipped'] / row['compare']:.2f}x |"
             if "compare" in row
             else (" | |" if r.get("compare_version") else "")
         )
         lines.append(
-            f"| {row['batch']} | {row['threads']} | {row['shipped']:,.0f} | "
+            f"| {row['batch']} | {row['threads']} | {row['shipped']:,.0f} | {row['runtime']} | "
             f"{row['reference']:,.0f} | {row['shipped'] / row['reference']:.1f}x |" + compared
         )
     lines += [

@@ -16,6 +16,9 @@ def test_quick_bench_reports_every_phase(data_dir, checkpoint, tmp_path):
     assert [row["batch"] for row in results["model"]] == list(BATCH_SIZES)
     assert all(row["shipped"] > 0 and row["reference"] > 0 for row in results["model"])
     assert all(row["compare"] > 0 for row in results["model"])  # measured in the same run
+    # which runtime served each size (auto: the faster in the warm-up)
+    assert {row["runtime"] for row in results["model"]} <= {"onnx", "torchscript"}
+    assert {row["compare_runtime"] for row in results["model"]} <= {"onnx", "torchscript"}
     assert results["compare_version"] == results["model_version"]
     assert results["passthrough"] > 0 and results["worker"] > 0 and results["naive"] > 0
     assert {"io", "model"} <= set(results["worker_peak_rss_by_process_mb"])
@@ -35,5 +38,7 @@ def test_quick_bench_reports_every_phase(data_dir, checkpoint, tmp_path):
     assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(results))
     table = (tmp_path / "bench.md").read_text()
     assert "| offered load (beats/s) | partitions |" in table
-    assert f"compared: {results['compare_version']} (beats/s) | shipped / compared |" in table
+    assert (
+        f"compared: {results['compare_version']} (beats/s, runtime) | shipped / compared |" in table
+    )
     assert table.count("\n| 1,000 | ") == len(partitions)
