@@ -15,7 +15,7 @@ from models import masks
 from models.batches import ModelBatch
 from models.model import repair, unknown_context
 from models.rhythm import UNKNOWN as RHYTHM_UNKNOWN
-from stream.engine import Engine, padded_rows
+from stream.engine import Engine, _faster, padded_rows
 from stream.model_process import ModelProcess, ModelProcessError
 
 
@@ -50,6 +50,16 @@ def test_each_batch_size_is_served_by_the_runtime_measured_faster(checkpoint, re
         assert np.array_equal(result.samples[observed], batch.beats[observed])
     only = Engine.load(checkpoint, threads=1, max_batch=8, runtime="torchscript")
     assert only.onnx is None and set(only.chosen.values()) == {"torchscript"}
+
+
+def test_onnx_runtime_serves_a_size_only_where_it_is_clearly_faster():
+    """Near a tie TorchScript keeps the size, so warm-up noise does not flip sizes back and
+    forth between runtimes; ONNX Runtime takes it when it is clearly faster or alone."""
+    assert _faster({"torchscript": 1.0, "onnx": 0.5}) == "onnx"
+    assert _faster({"torchscript": 1.0, "onnx": 0.97}) == "torchscript"
+    assert _faster({"torchscript": 1.0, "onnx": 1.5}) == "torchscript"
+    assert _faster({"torchscript": 1.0}) == "torchscript"
+    assert _faster({"onnx": 1.0}) == "onnx"
 
 
 def test_model_process_answers_like_the_in_process_engine(checkpoint, record_100):
