@@ -118,21 +118,14 @@ class OnnxRepair:
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, beats, missing, template, lengths, usual, context) -> Repair:
-        given = dict(
-            zip(
-                INPUTS,
-                (
-                    np.ascontiguousarray(beats, dtype=np.float32),
-                    np.ascontiguousarray(missing, dtype=bool),
-                    np.ascontiguousarray(template, dtype=np.float32),
-                    np.asarray(lengths, dtype=np.int64),
-                    np.ascontiguousarray(usual, dtype=np.float32),
-                    np.ascontiguousarray(context, dtype=np.float32),
-                ),
-                strict=True,
-            )
+        arrays = (
+            np.ascontiguousarray(beats, dtype=np.float32),
+            np.ascontiguousarray(missing, dtype=bool),
+            np.ascontiguousarray(template, dtype=np.float32),
+            np.asarray(lengths, dtype=np.int64),
+            np.ascontiguousarray(usual, dtype=np.float32),
+            np.ascontiguousarray(context, dtype=np.float32),
         )
-        filled, probabilities, score = self.session.run(
-            None, {name: given[name] for name in self.inputs}
-        )
+        feed = {name: a for name, a in zip(INPUTS, arrays, strict=True) if name in self.inputs}
+        filled, probabilities, score = self.session.run(None, feed)
         return Repair(filled, probabilities, score)

@@ -48,6 +48,9 @@ class DataConfig:
     download: bool = True  # download from PhysioNet with wfdb when not found
 
 
+RUNTIMES = ("auto", "torchscript", "onnx")  # model.runtime (stream.engine.Engine)
+
+
 @dataclass
 class ModelConfig:
     checkpoint: str = ""  # empty: packaged models/weights/ecgnet-ds1.pt (ECG_CHECKPOINT)
@@ -353,8 +356,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("simulator.dropout.noise must be one of '', bw, em, ma")
     if cfg.kafka.heartbeat_interval_ms >= cfg.kafka.session_timeout_ms:
         raise ConfigError("kafka.heartbeat_interval_ms must be below kafka.session_timeout_ms")
-    if cfg.model.runtime not in ("auto", "torchscript", "onnx"):
-        raise ConfigError("model.runtime must be auto, torchscript or onnx")
+    if cfg.model.runtime not in RUNTIMES:
+        raise ConfigError(f"model.runtime must be one of {', '.join(RUNTIMES)}")
     if cfg.kafka.compression not in ("none", "gzip", "snappy", "lz4", "zstd"):
         raise ConfigError("kafka.compression must be none, gzip, snappy, lz4 or zstd")
     bad = set(cfg.worker.alert_classes) - {"N", "S", "V", "F", "Q"}

@@ -19,10 +19,9 @@ from models.config import DEFAULT_CHECKPOINT
 from models.data import BEAT_LEN
 from models.model import EcgNet, load_checkpoint, repair, trace_repair, unknown_context
 from models.templates import TemplateSpec, TemplateStore
-from stream.config import ModelConfig, WorkerConfig
+from stream.config import RUNTIMES, ModelConfig, WorkerConfig
 
 log = logging.getLogger(__name__)
-RUNTIMES = ("auto", "torchscript", "onnx")
 
 
 def padded_rows(n: int) -> int:
@@ -50,6 +49,8 @@ class Engine:
     threads: int = 1
     runner: torch.jit.ScriptModule = field(init=False, repr=False)  # trace_repair(net)
     onnx: Callable | None = field(default=None, init=False, repr=False)  # OnnxRepair(net)
+    # the passes a batch may run on, by runtime name (numpy in, Repair out)
+    passes: dict[str, Callable] = field(default_factory=dict, init=False, repr=False)
     chosen: dict[int, str] = field(default_factory=dict, init=False)  # padded rows -> runtime
     templates: TemplateStore = field(init=False, repr=False)  # by slot (the worker's registry)
     executor: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
@@ -70,6 +71,9 @@ class Engine:
                 if self.runtime == "onnx":
                     raise
                 log.warning("ONNX Runtime unavailable, serving with TorchScript only: %s", exc)
+        self.passes["torchscript"] = partial(repair, self.runner)
+        if self.onnx is not None:
+            self.passes["onnx"] = self.onnx
         self.templates = self.template.store(BEAT_LEN)
 
     @classmethod
@@ -86,11 +90,6 @@ class Engine:
         engine = cls(net, meta["version"], float(meta["anomaly_threshold"]), runtime, threads)
         engine.warm_up(max_batch)
         return engine
-
-    def runtimes(self) -> dict[str, Callable]:
-        """The passes this engine may serve a batch with, by name (numpy in, Repair out)."""
-        runs = {"torchscript": partial(repair, self.runner), "onnx": self.onnx}
-        return {name: run for name, run in runs.items() if run is not None}
 
     def describe_runtimes(self) -> str:
         """Which runtime serves which padded batch sizes, for the start-up log."""
@@ -148,7 +147,7 @@ class Engine:
         usual = np.full(np.shape(beats), np.nan, np.float32) if usual is None else usual
         context = unknown_context(n) if context is None else context
         rows = padded_rows(n)
-        run = self.runtimes()[self.runtime_for(n)]
+        run = self.passes[self.runtime_for(n)]
         if rows == n:
             return run(beats, missing, template, lengths, usual, context)
         extra = rows - n
@@ -179,7 +178,7 @@ class Engine:
             missing = rng.random(beats.shape) < 0.15
             args = (beats, missing, beats, np.full(rows, BEAT_LEN), beats, unknown_context(rows))
             seconds = {}
-            for name, run in self.runtimes().items():
+            for name, run in self.passes.items():
                 seconds[name] = min(_timed(run, args) for _ in range(WARM_UP_PASSES))
             self.chosen[rows] = _faster(seconds)
             self.throughput = rows / max(seconds[self.chosen[rows]], 1e-9)

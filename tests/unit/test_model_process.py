@@ -34,14 +34,15 @@ def test_each_batch_size_is_served_by_the_runtime_measured_faster(checkpoint, re
     answer alike (float rounding), and neither changes an observed sample. ONNX Runtime is a
     dependency: auto must have it (its fallback to TorchScript alone is for broken installs)."""
     engine = Engine.load(checkpoint, threads=1, max_batch=32)
-    assert set(engine.runtimes()) == {"torchscript", "onnx"}
+    assert set(engine.passes) == {"torchscript", "onnx"}
     assert sorted(engine.chosen) == [1, 2, 4, 8, 16, 24, 32]
     assert set(engine.chosen.values()) <= {"torchscript", "onnx"}
-    assert engine.describe_runtimes().count(" ") >= 1
+    engine.chosen = {1: "onnx", 2: "onnx", 4: "torchscript", 8: "onnx"}  # a start-up log line
+    assert engine.describe_runtimes() == "onnx 1-2, torchscript 4, onnx 8"
     batch = _batch(record_100, 24)
     args = (batch.beats, batch.missing, batch.beats, batch.lengths)
     args += (np.full_like(batch.beats, np.nan), unknown_context(24))
-    by = {name: run(*args) for name, run in engine.runtimes().items()}
+    by = {name: run(*args) for name, run in engine.passes.items()}
     np.testing.assert_allclose(by["onnx"].samples, by["torchscript"].samples, atol=1e-5)
     np.testing.assert_allclose(by["onnx"].probabilities, by["torchscript"].probabilities, atol=1e-5)
     np.testing.assert_allclose(by["onnx"].anomaly_score, by["torchscript"].anomaly_score, atol=1e-5)
@@ -96,7 +97,6 @@ def test_the_engine_runs_a_few_padded_sizes_and_answers_for_the_real_rows(
     args = (batch.beats, batch.missing, batch.beats, batch.lengths)  # the beat as its template
     want = repair(engine.runner, *args)
     passes = []
-    runtimes = engine.runtimes()
 
     def counted(run):
         def pass_(beats, *rest):
@@ -105,7 +105,7 @@ def test_the_engine_runs_a_few_padded_sizes_and_answers_for_the_real_rows(
 
         return pass_
 
-    monkeypatch.setattr(engine, "runtimes", lambda: {k: counted(v) for k, v in runtimes.items()})
+    monkeypatch.setattr(engine, "passes", {k: counted(v) for k, v in engine.passes.items()})
     got = engine.repair(*args)
     assert passes == [16]  # 13 beats run as 16 rows
     assert got.samples.shape == batch.beats.shape and got.anomaly_score.shape == (13,)
