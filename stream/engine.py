@@ -71,7 +71,8 @@ class Engine:
                 if self.runtime == "onnx":
                     raise
                 log.warning("ONNX Runtime unavailable, serving with TorchScript only: %s", exc)
-        self.passes["torchscript"] = partial(repair, self.runner)
+        if self.runtime != "onnx":  # onnx: that one for every size, never the trace
+            self.passes["torchscript"] = partial(repair, self.runner)
         if self.onnx is not None:
             self.passes["onnx"] = self.onnx
         self.templates = self.template.store(BEAT_LEN)

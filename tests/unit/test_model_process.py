@@ -51,6 +51,8 @@ def test_each_batch_size_is_served_by_the_runtime_measured_faster(checkpoint, re
         assert np.array_equal(result.samples[observed], batch.beats[observed])
     only = Engine.load(checkpoint, threads=1, max_batch=8, runtime="torchscript")
     assert only.onnx is None and set(only.chosen.values()) == {"torchscript"}
+    pinned = Engine.load(checkpoint, threads=1, max_batch=8, runtime="onnx")
+    assert set(pinned.passes) == {"onnx"} and set(pinned.chosen.values()) == {"onnx"}
 
 
 def test_onnx_runtime_serves_a_size_only_where_it_is_clearly_faster():
