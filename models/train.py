@@ -32,7 +32,7 @@ from models.model import (
 from models.rhythm import sequence_features
 from models.templates import TemplateSpec
 
-MODEL_VERSION = "2.3.0"
+MODEL_VERSION = "2.4.0"
 NO_MLII = ("102", "104")
 
 
@@ -101,13 +101,11 @@ def beat_context(
     return BeatContext(ctx.template, ctx.usual, np.concatenate([rhythm, ctx.morph], axis=1))
 
 
-PERSISTENT_BLOCK = 0.10  # share of records losing samples 100-137 in every beat
-PERSISTENT_GAP = 0.05  # share of records losing the same random stretch in every beat
 RESET_BEATS = 300  # a patient's state starts afresh every this many beats on average
 LOST_BEATS = 0.01  # share of beats whose previous beat never arrived
 
 
-def epoch_masks(rng, beats: D.Beats, spec: TemplateSpec):
+def epoch_masks(rng, beats: D.Beats, spec: TemplateSpec, cfg: TrainConfig):
     """Fresh training masks and the context they imply.
 
     Some records lose the same samples in every beat (the reference block, or a fixed stretch,
@@ -119,10 +117,10 @@ def epoch_masks(rng, beats: D.Beats, spec: TemplateSpec):
     missing = mask_batch(training_mask, rng, beats.length, D.BEAT_LEN)
     for record in np.unique(beats.record):
         draw = rng.random()
-        if draw >= PERSISTENT_BLOCK + PERSISTENT_GAP:
+        if draw >= cfg.persistent_block + cfg.persistent_gap:
             continue
         rows = np.flatnonzero(beats.record == record)
-        if draw < PERSISTENT_BLOCK:
+        if draw < cfg.persistent_block:
             start, stop = 100, 138
         else:
             start = int(rng.integers(0, 120))
@@ -196,7 +194,7 @@ def train(cfg: TrainConfig, data_dir: Path, progress: bool = True):
     started = time.time()
     for epoch in range(cfg.epochs):
         net.train()
-        missing, context = epoch_masks(rng, train_beats, net.config.template)
+        missing, context = epoch_masks(rng, train_beats, net.config.template, cfg)
         order = rng.permutation(len(train_beats))[:per_epoch]
         sums = np.zeros(4)
         bar = tqdm(
@@ -233,7 +231,7 @@ def train(cfg: TrainConfig, data_dir: Path, progress: bool = True):
                 f"class CE {mean[2]:.3f} anomaly loss {mean[3]:.4f}"
             )
     net.eval()
-    threshold = calibrate_threshold(net, train_beats, rng, cfg.anomaly_quantile)
+    threshold = calibrate_threshold(net, train_beats, rng, cfg)
     meta = {
         "version": f"{MODEL_VERSION}+{cfg.split}",
         "created": datetime.date.today().isoformat(),
@@ -255,20 +253,20 @@ def train(cfg: TrainConfig, data_dir: Path, progress: bool = True):
     return net, meta
 
 
-def calibrate_threshold(net, beats: D.Beats, rng, quantile: float, limit: int = 20000) -> float:
-    """Anomaly threshold: the given quantile of normal (N) training beats' scores, under the
+def calibrate_threshold(net, beats: D.Beats, rng, cfg: TrainConfig, limit: int = 20000) -> float:
+    """Anomaly threshold: the `anomaly_quantile` of normal (N) training beats' scores, under the
     training masks and resets (the stream scores beats with gaps and cold starts, so the
     threshold must too)."""
     normal = np.flatnonzero(beats.label == 0)
     idx = np.sort(rng.permutation(normal)[:limit])
-    missing, context = epoch_masks(rng, beats, net.config.template)
+    missing, context = epoch_masks(rng, beats, net.config.template, cfg)
     scores = []
     for start in range(0, len(idx), 1024):
         part = idx[start : start + 1024]
         b, c = beats.subset(part), context.subset(part)
         out = repair(net, b.samples, missing[part], c.template, b.length, c.usual, c.features)
         scores.append(out.anomaly_score)
-    return float(np.quantile(np.concatenate(scores), quantile)) if scores else 1.0
+    return float(np.quantile(np.concatenate(scores), cfg.anomaly_quantile)) if scores else 1.0
 
 
 def train_and_save(cfg: TrainConfig, data_dir: Path, progress: bool = True) -> Path:

@@ -69,6 +69,7 @@ def test_precedence_yaml_env_cli(tmp_path):
         ("", ["kafka.compression=brotli"], "kafka.compression"),
         ("", ["worker.alert_classes=X"], "worker.alert_classes"),
         ("", ["train.split=both"], "train.split"),
+        ("", ["train.persistent_block=0.9", "train.persistent_gap=0.2"], "persistent_gap"),
         ("", ["metrics.port=70000"], "metrics.port"),
         ("", ["simulator.beats=-3"], "simulator.beats"),
         ("", ["simulator.duration_s=-1"], "simulator.duration_s"),
