@@ -162,8 +162,8 @@ class EcgNet(nn.Module):
         """The refinement convolutions' correction (B, L) of the fill. In inference the second
         one (one output channel) runs as `single_channel_conv`: oneDNN's convolution with one
         output channel is 2-3x slower than that (the pass runs 1.12x faster at batch 256 without
-        it). Training
-        keeps `conv1d` (and its backward), so trained weights do not depend on it."""
+        it). Training keeps `conv1d` (and its backward), so trained weights do not depend on
+        it."""
         hidden, last = self.refiner[1](self.refiner[0](per_sample)), self.refiner[2]
         if self.training:
             return last(hidden).squeeze(1)

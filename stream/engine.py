@@ -48,7 +48,6 @@ class Engine:
     runtime: str = "auto"
     threads: int = 1
     runner: torch.jit.ScriptModule = field(init=False, repr=False)  # trace_repair(net)
-    onnx: Callable | None = field(default=None, init=False, repr=False)  # OnnxRepair(net)
     # the passes a batch may run on, by runtime name (numpy in, Repair out)
     passes: dict[str, Callable] = field(default_factory=dict, init=False, repr=False)
     chosen: dict[int, str] = field(default_factory=dict, init=False)  # padded rows -> runtime
@@ -62,19 +61,17 @@ class Engine:
         if self.runtime not in RUNTIMES:
             raise ValueError(f"model.runtime must be one of {', '.join(RUNTIMES)}")
         self.runner = trace_repair(self.net)
+        if self.runtime != "onnx":  # onnx: that one for every size, never the trace
+            self.passes["torchscript"] = partial(repair, self.runner)
         if self.runtime != "torchscript":
             try:
                 from models.onnx_pass import OnnxRepair
 
-                self.onnx = OnnxRepair(self.net, self.threads)
+                self.passes["onnx"] = OnnxRepair(self.net, self.threads)
             except Exception as exc:  # noqa: BLE001 - auto: TorchScript alone still serves
                 if self.runtime == "onnx":
                     raise
                 log.warning("ONNX Runtime unavailable, serving with TorchScript only: %s", exc)
-        if self.runtime != "onnx":  # onnx: that one for every size, never the trace
-            self.passes["torchscript"] = partial(repair, self.runner)
-        if self.onnx is not None:
-            self.passes["onnx"] = self.onnx
         self.templates = self.template.store(BEAT_LEN)
 
     @classmethod

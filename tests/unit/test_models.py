@@ -25,7 +25,7 @@ from models.model import (
     trace_repair,
 )
 from models.rhythm import FEATURES, UNKNOWN
-from models.train import train
+from models.train import epoch_masks, train
 
 
 def masked(beats, seed=0):
@@ -319,6 +319,25 @@ def test_committed_checkpoint_carries_its_description(checkpoint):
         assert key in meta
     assert meta["training_data"]["split"] == "inter"
     assert set(meta["training_data"]["records"]).isdisjoint({"100", "213", "232"})  # DS2
+
+
+@pytest.mark.parametrize("block,gap", [(1.0, 0.0), (0.0, 1.0)])
+def test_persistent_losses_take_the_same_samples_from_every_beat_of_a_record(
+    record_100, block, gap
+):
+    """train.persistent_block / persistent_gap: a record drawn for it loses the block (or one
+    random stretch) in every beat, so its templates never see those samples either."""
+    beats = record_100.subset(np.arange(300))
+    cfg = TrainConfig(persistent_block=block, persistent_gap=gap)
+    missing, _ = epoch_masks(np.random.default_rng(0), beats, T.TemplateSpec(), cfg)
+    reach = np.arange(D.BEAT_LEN)[None, :] < beats.length[:, None]
+    lost_everywhere = [
+        c for c in range(D.BEAT_LEN) if reach[:, c].any() and missing[reach[:, c], c].all()
+    ]
+    if block:
+        assert np.array_equal(missing[:, 100:138], reach[:, 100:138])
+    assert lost_everywhere  # random dropout alone never takes one sample from 300 beats
+    assert not (missing & ~reach).any()
 
 
 def test_tiny_training_learns_and_is_reproducible(data_dir):
